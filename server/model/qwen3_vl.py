@@ -1,0 +1,306 @@
+"""Our own Qwen3-VL: text decoder (GQA, q/k-norm, interleaved M-RoPE, DeepStack) and the
+vision tower (patch embed, interpolated learned positions, 2-D rotary, per-image attention,
+2x2 patch merger). Inputs are flat token batches over a paged KV cache, so the engine can
+batch any mix of prefill chunks and decodes without touching this file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import AttentionMetadata, Linear, MRotaryEmbedding, RMSNorm, apply_rotary, paged_attention, rotate_half
+from .model_config import ModelConfig, TextConfig, VisionConfig
+
+# ---------------------------------------------------------------------------------------
+# Vision tower
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.norm1 = nn.LayerNorm(d, eps=1e-6)
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.qkv = Linear(d, 3 * d, bias=True)
+        self.proj = Linear(d, d, bias=True)
+        self.fc1 = Linear(d, cfg.intermediate_size, bias=True)
+        self.fc2 = Linear(cfg.intermediate_size, d, bias=True)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(n, 3, self.num_heads, -1).unbind(1)
+        # Rotary in fp32 like the reference, whatever the activation dtype.
+        q = (q.float() * cos[:, None] + rotate_half(q.float()) * sin[:, None]).to(x.dtype)
+        k = (k.float() * cos[:, None] + rotate_half(k.float()) * sin[:, None]).to(x.dtype)
+        outs = []
+        start = 0
+        for length in seqlens:  # full attention within each image, none across images
+            sl = slice(start, start + length)
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1)
+                ).transpose(0, 1)
+            )
+            start += length
+        x = x + self.proj(torch.cat(outs).reshape(n, d))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+
+
+class PatchMerger(nn.Module):
+    """2x2 neighbouring patches -> one LLM token. DeepStack mergers normalize after the shuffle."""
+
+    def __init__(self, cfg: VisionConfig, postshuffle_norm: bool) -> None:
+        super().__init__()
+        self.merged = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.postshuffle_norm = postshuffle_norm
+        self.norm = nn.LayerNorm(self.merged if postshuffle_norm else cfg.hidden_size, eps=1e-6)
+        self.fc1 = Linear(self.merged, self.merged, bias=True)
+        self.fc2 = Linear(self.merged, cfg.out_hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x.view(-1, self.merged)) if self.postshuffle_norm else self.norm(x).view(-1, self.merged)
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+@dataclass
+class ImageFeatures:
+    """Vision output for one image: LLM-width embeddings and one DeepStack tensor per index."""
+
+    embeds: torch.Tensor  # [num_tokens, hidden]
+    deepstack: torch.Tensor  # [num_deepstack, num_tokens, hidden]
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+        self.patch_embed = Linear(patch_dim, d, bias=True)  # the Conv3d with stride == kernel, as a matmul
+        self.pos_embed = nn.Embedding(cfg.num_position_embeddings, d)
+        self.grid_side = int(cfg.num_position_embeddings**0.5)
+        self.register_buffer("rope_inv_freq", torch.empty(d // cfg.num_heads // 4), persistent=False)
+        self.init_buffers()
+        self.blocks = nn.ModuleList([VisionBlock(cfg) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, postshuffle_norm=False)
+        self.deepstack_mergers = nn.ModuleList(
+            [PatchMerger(cfg, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes]
+        )
+
+    def init_buffers(self) -> None:
+        spatial = self.cfg.hidden_size // self.cfg.num_heads // 2
+        dev = self.rope_inv_freq.device if self.rope_inv_freq.device.type != "meta" else None
+        self.rope_inv_freq = 1.0 / (10000.0 ** (torch.arange(0, spatial, 2, dtype=torch.float, device=dev) / spatial))
+
+    def _block_order(self, h: int, w: int) -> torch.Tensor:
+        """Raster index of each patch in the processor's 2x2-merge-block order."""
+        m = self.cfg.spatial_merge_size
+        idx = torch.arange(h * w).view(h // m, m, w // m, m).transpose(1, 2)
+        return idx.reshape(-1)
+
+    def _pos_embeds(self, t: int, h: int, w: int) -> torch.Tensor:
+        """Learned square position table resampled bilinearly (align_corners) to h x w."""
+        side = self.grid_side
+
+        def taps(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+            src = torch.arange(size, dtype=torch.float32) * (side - 1) / max(size - 1, 1)
+            floor = src.floor()
+            idx = (floor.long()[:, None] + torch.arange(2)).clamp(0, side - 1)
+            wts = (1 - (src[:, None] - floor[:, None] - torch.arange(2)).abs()).clamp(min=0)
+            return idx, wts
+
+        hi, hw = taps(h)
+        wi, ww = taps(w)
+        index = (hi[:, None, :, None] * side + wi[None, :, None, :]).reshape(h * w, 4)
+        weight = (hw[:, None, :, None] * ww[None, :, None, :]).reshape(h * w, 4)
+        dev = self.pos_embed.weight.device
+        emb = (self.pos_embed(index.to(dev)) * weight.to(dev)[..., None]).sum(1)
+        return emb[self._block_order(h, w).to(dev)].repeat(t, 1)
+
+    def _rotary(self, t: int, h: int, w: int) -> torch.Tensor:
+        rows = torch.arange(h)[:, None].expand(h, w).reshape(-1)
+        cols = torch.arange(w)[None, :].expand(h, w).reshape(-1)
+        order = self._block_order(h, w)
+        pos = torch.stack([rows[order], cols[order]], dim=-1).repeat(t, 1).to(self.rope_inv_freq.device)
+        freqs = pos[..., None].float() * self.rope_inv_freq  # [N, 2, head_dim/4]
+        freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
+        return torch.cat([freqs, freqs], dim=-1)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> list[ImageFeatures]:
+        dtype = self.pos_embed.weight.dtype
+        x = self.patch_embed(pixel_values.to(dtype))
+        x = x + torch.cat([self._pos_embeds(*g) for g in grid_thw]).to(dtype)
+        angles = torch.cat([self._rotary(*g) for g in grid_thw])
+        cos, sin = angles.cos(), angles.sin()
+        seqlens = [h * w for t, h, w in grid_thw for _ in range(t)]
+        deepstack = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, seqlens)
+            if i in self.cfg.deepstack_visual_indexes:
+                deepstack.append(self.deepstack_mergers[self.cfg.deepstack_visual_indexes.index(i)](x))
+        merged = self.merger(x)
+        unit = self.cfg.spatial_merge_size**2
+        sizes = [t * h * w // unit for t, h, w in grid_thw]
+        embeds = merged.split(sizes)
+        stacked = torch.stack(deepstack) if deepstack else merged.new_zeros(0, merged.shape[0], merged.shape[1])
+        ds = stacked.split(sizes, dim=1)
+        return [ImageFeatures(e, d) for e, d in zip(embeds, ds)]
+
+
+# ---------------------------------------------------------------------------------------
+# Text decoder
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        h, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.q_size, self.kv_size = self.num_heads * hd, self.num_kv_heads * hd
+        self.scale = hd**-0.5
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.qkv_proj = Linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)  # fused q|k|v
+        self.o_proj = Linear(self.q_size, h)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.gate_up_proj = Linear(h, 2 * cfg.intermediate_size)  # fused gate|up
+        self.down_proj = Linear(cfg.intermediate_size, h)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(self.input_layernorm(x)).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(self.q_norm(q.view(n, self.num_heads, self.head_dim)), cos, sin)
+        k = apply_rotary(self.k_norm(k.view(n, self.num_kv_heads, self.head_dim)), cos, sin)
+        attn = paged_attention(q, k, v.reshape(n, self.num_kv_heads, self.head_dim), kv_cache, meta, self.scale)
+        x = x + self.o_proj(attn.reshape(n, self.q_size))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+@dataclass
+class MultimodalEmbeds:
+    """Image features placed into a flat batch: `mask` marks the image-token positions of the
+    batch (in order), `embeds`/`deepstack` hold the matching rows (a chunk may carry only
+    part of an image: the runner slices the rows that fall into it)."""
+
+    mask: torch.Tensor  # bool [T]
+    embeds: torch.Tensor  # [n, hidden]
+    deepstack: torch.Tensor  # [num_deepstack, n, hidden]
+
+
+class Qwen3VL(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        t = cfg.text
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(t) for _ in range(t.num_hidden_layers)])
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.rotary = MRotaryEmbedding(t.head_dim, t.rope_theta, t.mrope_section, t.mrope_interleaved)
+        self.lm_head: nn.Parameter | None = None  # None when tied to embed_tokens
+        self.visual = VisionTower(cfg.vision)
+
+    def init_buffers(self) -> None:
+        """Recompute non-persistent tables (after the model was built on the meta device)."""
+        self.rotary.init_buffers()
+        self.visual.init_buffers()
+
+    def linears(self) -> list[Linear]:
+        return [m for m in self.modules() if isinstance(m, Linear)]
+
+    def to_device(self, device: torch.device | str) -> Qwen3VL:
+        self.to(device)
+        for lin in self.linears():
+            if lin.qweight is not None:
+                lin.qweight = lin.qweight.to(device)
+        return self
+
+    def set_linear_backend(self, backend: str) -> None:
+        for lin in self.linears():
+            lin.backend = backend
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> list[ImageFeatures]:
+        return self.visual(pixel_values.to(self.device), grid_thw)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        mm: MultimodalEmbeds | None = None,
+    ) -> torch.Tensor:
+        """input_ids [T], positions [3, T] (M-RoPE t/h/w) -> final hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        if mm is not None and mm.embeds.shape[0]:
+            x = x.clone()
+            x[mm.mask] = mm.embeds.to(x.dtype)
+        cos, sin = self.rotary(positions, x.dtype)
+        n_deepstack = mm.deepstack.shape[0] if mm is not None and mm.embeds.shape[0] else 0
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_caches[i], meta)
+            if i < n_deepstack:
+                x = x.clone()
+                x[mm.mask] += mm.deepstack[i].to(x.dtype)  # type: ignore[union-attr]
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head
+        return F.linear(hidden, weight).float()
+
+
+# ---------------------------------------------------------------------------------------
+# M-RoPE positions of a prompt
+
+
+def mrope_positions(
+    token_ids: list[int], image_grids: list[tuple[int, int, int]], image_token_id: int, merge_size: int
+) -> tuple[torch.Tensor, int]:
+    """3-D positions for a prompt: text advances all three axes together; an image's tokens
+    get (t, h, w) offsets from the running position, after which text continues at
+    max position + 1. Returns positions [3, L] and the rope delta for decode
+    (position of token i >= L is i + delta on every axis)."""
+    ids = torch.as_tensor(token_ids)
+    length = ids.numel()
+    pos = torch.empty(3, length, dtype=torch.long)
+    is_img = (ids == image_token_id).tolist()
+    grids = iter(image_grids)
+    i, cur = 0, 0
+    while i < length:
+        if not is_img[i]:
+            j = i
+            while j < length and not is_img[j]:
+                j += 1
+            pos[:, i:j] = torch.arange(cur, cur + j - i)
+            cur += j - i
+        else:
+            t, h, w = next(grids)
+            gh, gw = h // merge_size, w // merge_size
+            n = t * gh * gw
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+            pos[:, i : i + n] = torch.stack([tt, hh, ww]).reshape(3, -1) + cur
+            cur += max(gh, gw)
+            j = i + n
+        i = j
+    delta = (int(pos.max()) + 1 - length) if length else 0
+    return pos, delta
