@@ -54,13 +54,101 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
 )
 
-_CORPUS_WORDS = (
-    "the a an of to in and is it that for on with as was at by be this from or are image picture photo "
-    "cat dog red blue green small large left right top bottom shows there one two three color shape "
-    "describe what where how many people tree house car sky water light dark bright circle square line "
-    "hello world question answer model vision language token server fast quick brown fox jumps over lazy "
-    "number text letter word sentence paragraph page book read write see look find count name place time"
-).split()
+_CORPUS_WORDS = [
+    "the",
+    "a",
+    "an",
+    "of",
+    "to",
+    "in",
+    "and",
+    "is",
+    "it",
+    "that",
+    "for",
+    "on",
+    "with",
+    "as",
+    "was",
+    "at",
+    "by",
+    "be",
+    "this",
+    "from",
+    "or",
+    "are",
+    "image",
+    "picture",
+    "photo",
+    "cat",
+    "dog",
+    "red",
+    "blue",
+    "green",
+    "small",
+    "large",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "shows",
+    "there",
+    "one",
+    "two",
+    "three",
+    "color",
+    "shape",
+    "describe",
+    "what",
+    "where",
+    "how",
+    "many",
+    "people",
+    "tree",
+    "house",
+    "car",
+    "sky",
+    "water",
+    "light",
+    "dark",
+    "bright",
+    "circle",
+    "square",
+    "line",
+    "hello",
+    "world",
+    "question",
+    "answer",
+    "model",
+    "vision",
+    "language",
+    "token",
+    "server",
+    "fast",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "number",
+    "text",
+    "letter",
+    "word",
+    "sentence",
+    "paragraph",
+    "page",
+    "book",
+    "read",
+    "write",
+    "see",
+    "look",
+    "find",
+    "count",
+    "name",
+    "place",
+    "time",
+]
 
 DEMO_TEXT = dict(
     hidden_size=256,
@@ -234,7 +322,9 @@ def write_demo_checkpoint(out_dir: str | Path, bits: int = 8, fmt: str = "qat", 
     skip = ["visual", "merger", "lm_head", "embed_tokens"]
 
     g = torch.Generator().manual_seed(seed)
-    shapes = _text_keys("model.language_model", text_cfg, vocab) | _vision_keys("model.visual", vision_cfg, text_cfg["hidden_size"])
+    shapes = _text_keys("model.language_model", text_cfg, vocab) | _vision_keys(
+        "model.visual", vision_cfg, text_cfg["hidden_size"]
+    )
     tensors: dict[str, torch.Tensor] = {}
     sidecar: dict[str, torch.Tensor] = {}
     awq_modules: list[str] = []
@@ -290,7 +380,11 @@ def write_demo_checkpoint(out_dir: str | Path, bits: int = 8, fmt: str = "qat", 
         "max_position_embeddings": text_cfg["max_position_embeddings"],
         "rms_norm_eps": text_cfg["rms_norm_eps"],
         # transformers-4 spelling, as the GRACE release was written; the loader accepts both.
-        "rope_scaling": {"rope_type": "default", "mrope_section": text_cfg["mrope_section"], "mrope_interleaved": True},
+        "rope_scaling": {
+            "rope_type": "default",
+            "mrope_section": text_cfg["mrope_section"],
+            "mrope_interleaved": True,
+        },
         "rope_theta": text_cfg["rope_theta"],
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -303,7 +397,9 @@ def write_demo_checkpoint(out_dir: str | Path, bits: int = 8, fmt: str = "qat", 
         "architectures": ["Qwen3VLForConditionalGeneration"],
         "model_type": "qwen3_vl",
         "text_config": text_json,
-        "vision_config": dict(vision_cfg, model_type="qwen3_vl", hidden_act="gelu_pytorch_tanh", initializer_range=0.02),
+        "vision_config": dict(
+            vision_cfg, model_type="qwen3_vl", hidden_act="gelu_pytorch_tanh", initializer_range=0.02
+        ),
         "image_token_id": ids["<|image_pad|>"],
         "video_token_id": ids["<|video_pad|>"],
         "vision_start_token_id": ids["<|vision_start|>"],
@@ -313,7 +409,12 @@ def write_demo_checkpoint(out_dir: str | Path, bits: int = 8, fmt: str = "qat", 
         "grace_demo": {"seed": seed, "format": fmt, "bits": bits if fmt != "bf16" else 16},
     }
     if fmt == "qat":
-        config["qat"] = {"bits": bits, "group_size": 128, "skip_keywords": skip, "num_replaced": len(sidecar) // 2}
+        config["qat"] = {
+            "bits": bits,
+            "group_size": 128,
+            "skip_keywords": skip,
+            "num_replaced": len(sidecar) // 2,
+        }
     if fmt == "awq":
         config["quantization_config"] = {
             "quant_method": "awq",

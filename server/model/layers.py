@@ -74,7 +74,9 @@ class MRotaryEmbedding(nn.Module):
     frequency slot takes its angle from one of the three axes (interleaved T,H,W,T,H,W... for
     the first 3*min(section) slots, as in Qwen3-VL; contiguous sections if not interleaved)."""
 
-    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, int, int], interleaved: bool) -> None:
+    def __init__(
+        self, head_dim: int, theta: float, mrope_section: tuple[int, int, int], interleaved: bool
+    ) -> None:
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
         self.mrope_section, self.interleaved = mrope_section, interleaved
@@ -137,4 +139,6 @@ def paged_attention(
     whole cached context of each sequence (prefill, prefill with a cached prefix, decode)."""
     k_cache, v_cache = kv_cache
     ref.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-    return ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale)
+    return ref.paged_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale
+    )

@@ -196,9 +196,13 @@ def load_model(
         raise CheckpointError(f"unknown quantization {quantization!r}: expected w8g128, w4g128 or none")
     rtn_bits = {"w8g128": 8, "w4g128": 4}.get(quantization or "none")
     if rtn_bits and (sidecar or awq):
-        raise CheckpointError("this checkpoint is already quantized; --quantization only applies to bf16 checkpoints")
+        raise CheckpointError(
+            "this checkpoint is already quantized; --quantization only applies to bf16 checkpoints"
+        )
     if rtn_bits:
-        log.warning("quantizing at load to %s with round-to-nearest scales (not the GRACE QAT scales)", quantization)
+        log.warning(
+            "quantizing at load to %s with round-to-nearest scales (not the GRACE QAT scales)", quantization
+        )
 
     with torch.device("meta"):
         net = Qwen3VL(config)
@@ -218,7 +222,9 @@ def load_model(
             ordered = [parts[i] for i in range(target.parts)]
             if isinstance(ordered[0], QuantizedWeight):
                 if not all(isinstance(p, QuantizedWeight) for p in ordered):
-                    raise CheckpointError(f"{source}: fused parts of {target.path} mix quantized and dense weights")
+                    raise CheckpointError(
+                        f"{source}: fused parts of {target.path} mix quantized and dense weights"
+                    )
                 params[target.path] = QuantizedWeight.cat(ordered)  # type: ignore[arg-type]
             else:
                 params[target.path] = torch.cat(ordered, dim=0)  # type: ignore[arg-type]
@@ -234,7 +240,9 @@ def load_model(
             got[leaf] = tensor
             if len(got) == 3:
                 try:
-                    qw = QuantizedWeight.from_awq(got["qweight"], got["qzeros"], got["scales"], awq[module], name=module)
+                    qw = QuantizedWeight.from_awq(
+                        got["qweight"], got["qzeros"], got["scales"], awq[module], name=module
+                    )
                 except QuantizationError as e:
                     raise CheckpointError(str(e)) from e
                 target = target_of(module + ".weight")
@@ -257,7 +265,11 @@ def load_model(
         if sidecar is not None and module in sidecar and leaf == "weight":
             try:
                 value: torch.Tensor | QuantizedWeight = QuantizedWeight.from_grace(
-                    tensor, sidecar[module], config.qat.bits, config.qat.group_size, name=module  # type: ignore[union-attr]
+                    tensor,
+                    sidecar[module],
+                    config.qat.bits,
+                    config.qat.group_size,
+                    name=module,  # type: ignore[union-attr]
                 ).to(device)
             except QuantizationError as e:
                 raise CheckpointError(str(e)) from e
@@ -270,7 +282,9 @@ def load_model(
 
     if awq_parts:
         first = next(iter(awq_parts))
-        raise CheckpointError(f"AWQ module {first} is missing {sorted({'qweight', 'qzeros', 'scales'} - set(awq_parts[first]))}")
+        raise CheckpointError(
+            f"AWQ module {first} is missing {sorted({'qweight', 'qzeros', 'scales'} - set(awq_parts[first]))}"
+        )
     listed = set(sidecar or ()) | set(awq)
     if listed - seen_quantized:
         missing = sorted(listed - seen_quantized)[0]
@@ -311,11 +325,18 @@ def fused_splits(config: ModelConfig) -> dict[str, list[int]]:
     """Rows of each part of a fused linear (q|k|v differ under GQA)."""
     t = config.text
     kv = t.num_key_value_heads * t.head_dim
-    return {"qkv_proj": [t.num_attention_heads * t.head_dim, kv, kv], "gate_up_proj": [t.intermediate_size] * 2}
+    return {
+        "qkv_proj": [t.num_attention_heads * t.head_dim, kv, kv],
+        "gate_up_proj": [t.intermediate_size] * 2,
+    }
 
 
 def _check_shape(
-    expected: dict[str, tuple[int, ...]], splits: dict[str, list[int]], target: Target, shape: tuple[int, ...], source: str
+    expected: dict[str, tuple[int, ...]],
+    splits: dict[str, list[int]],
+    target: Target,
+    shape: tuple[int, ...],
+    source: str,
 ) -> None:
     want = expected.get(target.path)
     if want is None:
@@ -405,7 +426,6 @@ def _install(net: Qwen3VL, params: dict, expected: dict, device: torch.device, d
 def dense_state_dict(net: Qwen3VL) -> dict[str, torch.Tensor]:
     """Effective fp32 weights under transformers' key names (quantized ones dequantized as
     q*s), for loading the same model into Qwen3VLForConditionalGeneration."""
-    t = net.cfg.text
     out: dict[str, torch.Tensor] = {}
     own: dict[str, torch.Tensor] = {n: p.detach() for n, p in net.named_parameters()}
     for name, mod in net.named_modules():
@@ -427,7 +447,9 @@ def dense_state_dict(net: Qwen3VL) -> dict[str, torch.Tensor]:
             kind = target.path.rsplit(".", 2)[-2]
             value = value.split(splits[kind], dim=0)[target.part]
         if target.path == "visual.patch_embed.weight":
-            value = value.reshape(v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+            value = value.reshape(
+                v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size
+            )
         out[hf] = value.float().clone()
     return out
 

@@ -125,7 +125,9 @@ def _parse_text(t: dict[str, Any], top: dict[str, Any]) -> TextConfig:
     head_dim = int(t.get("head_dim") or t["hidden_size"] // heads)
     section = tuple(int(s) for s in rope.get("mrope_section", (24, 20, 20)))
     if len(section) != 3 or sum(section) != head_dim // 2:
-        raise ConfigError(f"mrope_section {list(section)} must have 3 parts summing to head_dim/2={head_dim // 2}")
+        raise ConfigError(
+            f"mrope_section {list(section)} must have 3 parts summing to head_dim/2={head_dim // 2}"
+        )
     return TextConfig(
         vocab_size=int(t["vocab_size"]),
         hidden_size=int(t["hidden_size"]),

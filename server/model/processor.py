@@ -40,7 +40,9 @@ def _raise(message: str) -> None:
 
 
 class Processor:
-    def __init__(self, path: str | Path, config: ModelConfig, image_overrides: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, path: str | Path, config: ModelConfig, image_overrides: dict[str, Any] | None = None
+    ) -> None:
         path = Path(path)
         self.config = config
         tok_file = path / "tokenizer.json"
@@ -55,7 +57,9 @@ class Processor:
             raise ValueError("preprocessor_config.json patch_size disagrees with the vision config")
         self.eos_token_ids = _eos_ids(path, self.tokenizer)
         self.generation_defaults = _generation_defaults(path)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = _raise
         env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
         self._template = env.from_string(self.chat_template) if self.chat_template else None
@@ -74,11 +78,15 @@ class Processor:
 
     # -- chat ------------------------------------------------------------------------------
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         if self._template is None:
             raise PromptError("this model has no chat template; use completions with a plain prompt")
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **kwargs
+            )
         except TemplateError as e:
             raise PromptError(f"chat template error: {e}") from e
 
@@ -136,7 +144,9 @@ class Processor:
         pad = self.config.image_token_id
         n_pads = ids.count(pad)
         if n_pads != len(images):
-            raise PromptError(f"the prompt has {n_pads} image placeholders but {len(images)} images were given")
+            raise PromptError(
+                f"the prompt has {n_pads} image placeholders but {len(images)} images were given"
+            )
         out: list[int] = []
         it = iter(images)
         for t in ids:

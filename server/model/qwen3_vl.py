@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import AttentionMetadata, Linear, MRotaryEmbedding, RMSNorm, apply_rotary, paged_attention, rotate_half
+from .layers import (
+    AttentionMetadata,
+    Linear,
+    MRotaryEmbedding,
+    RMSNorm,
+    apply_rotary,
+    paged_attention,
+    rotate_half,
+)
 from .model_config import ModelConfig, TextConfig, VisionConfig
 
 # ---------------------------------------------------------------------------------------
@@ -30,7 +38,9 @@ class VisionBlock(nn.Module):
         self.fc1 = Linear(d, cfg.intermediate_size, bias=True)
         self.fc2 = Linear(cfg.intermediate_size, d, bias=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]
+    ) -> torch.Tensor:
         n, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(n, 3, self.num_heads, -1).unbind(1)
         # Rotary in fp32 like the reference, whatever the activation dtype.
@@ -62,7 +72,11 @@ class PatchMerger(nn.Module):
         self.fc2 = Linear(self.merged, cfg.out_hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x.view(-1, self.merged)) if self.postshuffle_norm else self.norm(x).view(-1, self.merged)
+        x = (
+            self.norm(x.view(-1, self.merged))
+            if self.postshuffle_norm
+            else self.norm(x).view(-1, self.merged)
+        )
         return self.fc2(F.gelu(self.fc1(x)))
 
 
@@ -94,7 +108,9 @@ class VisionTower(nn.Module):
     def init_buffers(self) -> None:
         spatial = self.cfg.hidden_size // self.cfg.num_heads // 2
         dev = self.rope_inv_freq.device if self.rope_inv_freq.device.type != "meta" else None
-        self.rope_inv_freq = 1.0 / (10000.0 ** (torch.arange(0, spatial, 2, dtype=torch.float, device=dev) / spatial))
+        self.rope_inv_freq = 1.0 / (
+            10000.0 ** (torch.arange(0, spatial, 2, dtype=torch.float, device=dev) / spatial)
+        )
 
     def _block_order(self, h: int, w: int) -> torch.Tensor:
         """Raster index of each patch in the processor's 2x2-merge-block order."""
@@ -130,7 +146,9 @@ class VisionTower(nn.Module):
         freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
         return torch.cat([freqs, freqs], dim=-1)
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> list[ImageFeatures]:
+    def forward(
+        self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]
+    ) -> list[ImageFeatures]:
         dtype = self.pos_embed.weight.dtype
         x = self.patch_embed(pixel_values.to(dtype))
         x = x + torch.cat([self._pos_embeds(*g) for g in grid_thw]).to(dtype)
@@ -146,7 +164,9 @@ class VisionTower(nn.Module):
         unit = self.cfg.spatial_merge_size**2
         sizes = [t * h * w // unit for t, h, w in grid_thw]
         embeds = merged.split(sizes)
-        stacked = torch.stack(deepstack) if deepstack else merged.new_zeros(0, merged.shape[0], merged.shape[1])
+        stacked = (
+            torch.stack(deepstack) if deepstack else merged.new_zeros(0, merged.shape[0], merged.shape[1])
+        )
         ds = stacked.split(sizes, dim=1)
         return [ImageFeatures(e, d) for e, d in zip(embeds, ds)]
 
@@ -159,7 +179,11 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         h, hd = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+        )
         self.q_size, self.kv_size = self.num_heads * hd, self.num_kv_heads * hd
         self.scale = hd**-0.5
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
@@ -180,10 +204,14 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(self.input_layernorm(x)).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(self.input_layernorm(x)).split(
+            [self.q_size, self.kv_size, self.kv_size], dim=-1
+        )
         q = apply_rotary(self.q_norm(q.view(n, self.num_heads, self.head_dim)), cos, sin)
         k = apply_rotary(self.k_norm(k.view(n, self.num_kv_heads, self.head_dim)), cos, sin)
-        attn = paged_attention(q, k, v.reshape(n, self.num_kv_heads, self.head_dim), kv_cache, meta, self.scale)
+        attn = paged_attention(
+            q, k, v.reshape(n, self.num_kv_heads, self.head_dim), kv_cache, meta, self.scale
+        )
         x = x + self.o_proj(attn.reshape(n, self.q_size))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
@@ -239,7 +267,9 @@ class Qwen3VL(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def encode_images(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> list[ImageFeatures]:
+    def encode_images(
+        self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]
+    ) -> list[ImageFeatures]:
         return self.visual(pixel_values.to(self.device), grid_thw)
 
     def forward(

@@ -1,0 +1,203 @@
+"""Runs the model on one flat batch: any mix of prefill chunks and decode tokens.
+
+The runner owns the paged KV cache tensors and the vision encoder cache. The scheduler
+(or the simple offline loop) tells it, per sequence, which tokens to run and which cache
+blocks hold the sequence; the runner builds token ids, M-RoPE positions, slot mapping,
+block tables and the image rows that fall into each chunk.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from server.model.images import ProcessedImage
+from server.model.layers import AttentionMetadata
+from server.model.qwen3_vl import ImageFeatures, MultimodalEmbeds, Qwen3VL
+
+
+@dataclass
+class SequenceData:
+    """The model-side state of one sequence: its tokens and its prompt's multimodal layout."""
+
+    prompt_token_ids: list[int]
+    images: list[ProcessedImage]
+    mrope_positions: torch.Tensor  # [3, prompt_len]
+    rope_delta: int
+    output_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def positions(self, start: int, end: int) -> torch.Tensor:
+        """M-RoPE positions [3, end-start] for tokens start..end-1 (prompt or generated)."""
+        n_prompt = len(self.prompt_token_ids)
+        parts = []
+        if start < n_prompt:
+            parts.append(self.mrope_positions[:, start : min(end, n_prompt)])
+        if end > n_prompt:
+            gen = torch.arange(max(start, n_prompt), end) + self.rope_delta
+            parts.append(gen.expand(3, -1))
+        return torch.cat(parts, dim=1)
+
+
+@dataclass
+class ScheduledChunk:
+    """Tokens [start, end) of `seq` run this step; the first `start` are already cached."""
+
+    seq: SequenceData
+    start: int
+    end: int
+    block_table: list[int]
+    want_logits: bool = True
+
+
+class EncoderCache:
+    """Vision features by image content hash, LRU-bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, ImageFeatures] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _size(f: ImageFeatures) -> int:
+        return f.embeds.numel() * f.embeds.element_size() + f.deepstack.numel() * f.deepstack.element_size()
+
+    def get(self, key: str) -> ImageFeatures | None:
+        f = self._items.get(key)
+        if f is not None:
+            self._items.move_to_end(key)
+        return f
+
+    def put(self, key: str, feats: ImageFeatures) -> None:
+        if key in self._items:
+            return
+        self._items[key] = feats
+        self._bytes += self._size(feats)
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= self._size(old)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class ModelRunner:
+    def __init__(
+        self, model: Qwen3VL, num_blocks: int, block_size: int = 16, encoder_cache_bytes: int = 256 << 20
+    ):
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        t = model.cfg.text
+        shape = (num_blocks, block_size, t.num_key_value_heads, t.head_dim)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=model.dtype, device=model.device),
+                torch.zeros(shape, dtype=model.dtype, device=model.device),
+            )
+            for _ in range(t.num_hidden_layers)
+        ]
+        self.encoder_cache = EncoderCache(encoder_cache_bytes)
+        self.vision_runs = 0  # images actually encoded (cache misses), for tests and stats
+
+    def image_features(self, images: list[ProcessedImage]) -> list[ImageFeatures]:
+        """Features for each image, running the vision tower only for cache misses."""
+        todo = [im for im in images if self.encoder_cache.get(im.content_hash) is None]
+        unique = list({im.content_hash: im for im in todo}.values())
+        if unique:
+            pixels = torch.cat([im.pixel_values for im in unique])
+            feats = self.model.encode_images(pixels, [im.grid_thw for im in unique])
+            for im, f in zip(unique, feats):
+                self.encoder_cache.put(im.content_hash, f)
+            self.vision_runs += len(unique)
+            self.encoder_cache.misses += len(unique)
+            fresh = {im.content_hash: f for im, f in zip(unique, feats)}
+        else:
+            fresh = {}
+        self.encoder_cache.hits += len(images) - len(todo)
+        out = []
+        for im in images:
+            f = fresh.get(im.content_hash) or self.encoder_cache.get(im.content_hash)
+            assert f is not None
+            out.append(f)
+        return out
+
+    def _mm_rows(self, chunk: ScheduledChunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Image-token mask of the chunk and the feature rows (main + deepstack) inside it."""
+        seq = chunk.seq
+        n_prompt = len(seq.prompt_token_ids)
+        if not seq.images or chunk.start >= n_prompt:
+            return None
+        image_id = self.model.cfg.image_token_id
+        ids = torch.tensor(seq.prompt_token_ids)
+        is_img = ids == image_id
+        end = min(chunk.end, n_prompt)
+        before = int(is_img[: chunk.start].sum())
+        inside = int(is_img[chunk.start : end].sum())
+        if inside == 0:
+            return None
+        feats = self.image_features(seq.images)
+        embeds = torch.cat([f.embeds for f in feats])[before : before + inside]
+        deep = torch.cat([f.deepstack for f in feats], dim=1)[:, before : before + inside]
+        mask = torch.zeros(chunk.end - chunk.start, dtype=torch.bool)
+        mask[: end - chunk.start] = is_img[chunk.start : end]
+        return mask, embeds, deep
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Run one step; returns fp32 logits [num chunks wanting logits, vocab] (last token each)."""
+        hidden = self.forward(chunks)
+        ends = torch.tensor([c.end - c.start for c in chunks]).cumsum(0) - 1
+        last = ends[torch.tensor([c.want_logits for c in chunks])].to(hidden.device)
+        return self.model.compute_logits(hidden[last])
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Run one step; returns the final hidden state of every scheduled token [T, hidden]."""
+        bs = self.block_size
+        ids, pos, slots, q_loc, seq_lens, masks, embeds, deeps = [], [], [], [0], [], [], [], []
+        for c in chunks:
+            all_ids = c.seq.token_ids
+            ids.extend(all_ids[c.start : c.end])
+            pos.append(c.seq.positions(c.start, c.end))
+            table = torch.tensor(c.block_table, dtype=torch.long)
+            p = torch.arange(c.start, c.end)
+            slots.append(table[p // bs] * bs + p % bs)
+            q_loc.append(q_loc[-1] + c.end - c.start)
+            seq_lens.append(c.end)
+            mm = self._mm_rows(c)
+            if mm is None:
+                masks.append(torch.zeros(c.end - c.start, dtype=torch.bool))
+            else:
+                masks.append(mm[0])
+                embeds.append(mm[1])
+                deeps.append(mm[2])
+        dev = self.model.device
+        width = max(len(c.block_table) for c in chunks)
+        tables = torch.zeros(len(chunks), width, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.long)
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slots).to(dev),
+            block_tables=tables.to(dev),
+            seq_lens=torch.tensor(seq_lens, device=dev),
+            query_start_loc=torch.tensor(q_loc, device=dev),
+            max_query_len=max(c.end - c.start for c in chunks),
+            max_seq_len=max(seq_lens),
+        )
+        mm_embeds = None
+        if embeds:
+            mm_embeds = MultimodalEmbeds(torch.cat(masks).to(dev), torch.cat(embeds), torch.cat(deeps, dim=1))
+        return self.model(
+            torch.tensor(ids, device=dev), torch.cat(pos, dim=1).to(dev), self.kv_caches, meta, mm_embeds
+        )
