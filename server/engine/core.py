@@ -1,0 +1,262 @@
+"""EngineCore: step() = schedule -> run -> sample -> outputs. No text, no HTTP, no asyncio:
+it runs in the engine process (or inline for the offline LLM and tests)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from server.model.images import ProcessedImage
+from server.model.loader import load_model
+from server.model.qwen3_vl import Qwen3VL, mrope_positions
+
+from .kv_cache import BlockManager, BlockSpans
+from .runner import ModelRunner, SequenceData
+from .sampler import SamplingInput, sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, Sequence, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineArgs:
+    """Engine options; the same names are LLM(...) keywords and server flags."""
+
+    model: str = "demo"
+    device: str | None = None
+    dtype: str | None = None
+    quantization: str | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    num_kv_blocks: int | None = None  # explicit pool size (tests force preemption with it)
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.90
+    enable_prefix_caching: bool = True
+    encoder_cache_bytes: int = 256 << 20
+    linear_backend: str = "auto"
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    images: list[ProcessedImage] = field(default_factory=list)
+    eos_token_ids: list[int] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.time)
+
+
+@dataclass
+class EngineOutput:
+    """New tokens of one sequence (request id + sibling index) from one step."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    new_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    queue_time: float | None = None  # seconds waiting before first scheduled
+    first_token_latency: float | None = None  # seconds from arrival to first token
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_kv_blocks: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    step_tokens: int = 0
+    vision_runs: int = 0
+
+
+class RequestRejected(ValueError):
+    """The request can never be served as asked (too long for the KV pool / context)."""
+
+
+class EngineCore:
+    def __init__(self, args: EngineArgs, model: Qwen3VL | None = None) -> None:
+        self.args = args
+        if model is None:
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            dtype = getattr(torch, args.dtype) if args.dtype else None
+            loaded = load_model(args.model, device=device, dtype=dtype, quantization=args.quantization)
+            model = loaded.model
+        model.set_linear_backend(args.linear_backend)
+        self.model = model
+        cfg = model.cfg
+        self.image_token_id = cfg.image_token_id
+        self.merge_size = cfg.vision.spatial_merge_size
+        self.max_model_len = args.max_model_len or cfg.text.max_position_embeddings
+        num_blocks = args.num_kv_blocks or self._default_num_blocks()
+        self.runner = ModelRunner(model, num_blocks, args.block_size, args.encoder_cache_bytes)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len
+        )
+        self.requests: dict[str, list[Sequence]] = {}
+        self.eos: dict[str, frozenset[int]] = {}
+        self.last_step_tokens = 0
+
+    def _default_num_blocks(self) -> int:
+        a = self.args
+        if self.model.device.type == "cuda":
+            return self._blocks_from_free_memory()
+        # CPU: enough for max_num_seqs sequences of a modest context, bounded in memory
+        per_seq = math.ceil(min(self.max_model_len, 4096) / a.block_size)
+        return max(per_seq, min(per_seq * a.max_num_seqs, 4096))
+
+    def _blocks_from_free_memory(self) -> int:
+        t = self.model.cfg.text
+        free, total = torch.cuda.mem_get_info()
+        budget = free - total * (1 - self.args.gpu_memory_utilization)
+        per_block = 2 * t.num_hidden_layers * self.args.block_size * t.num_key_value_heads * t.head_dim
+        per_block *= self.model.dtype.itemsize if hasattr(self.model.dtype, "itemsize") else 2
+        blocks = int(budget // per_block)
+        if blocks < 1:
+            raise RuntimeError(
+                "no GPU memory left for the KV cache: lower max_model_len or raise gpu_memory_utilization"
+            )
+        return blocks
+
+    # -- requests --------------------------------------------------------------------------
+
+    def add_request(self, req: EngineRequest) -> None:
+        if req.request_id in self.requests:
+            raise RequestRejected(f"request id {req.request_id!r} is already in use")
+        n_prompt = len(req.prompt_token_ids)
+        if n_prompt == 0:
+            raise RequestRejected("the prompt is empty")
+        if n_prompt >= self.max_model_len:
+            raise RequestRejected(
+                f"the prompt has {n_prompt} tokens; the maximum context length is {self.max_model_len}"
+            )
+        max_tokens = req.params.max_tokens or (self.max_model_len - n_prompt)
+        if n_prompt + max_tokens > self.max_model_len:
+            raise RequestRejected(
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the maximum context length "
+                f"{self.max_model_len}"
+            )
+        if not self.scheduler.can_ever_fit(n_prompt + 1):
+            raise RequestRejected(f"the prompt ({n_prompt} tokens) can never fit in the KV cache")
+        positions, delta = mrope_positions(
+            req.prompt_token_ids, [im.grid_thw for im in req.images], self.image_token_id, self.merge_size
+        )
+        spans = _image_spans(req.prompt_token_ids, req.images, self.image_token_id)
+        seqs = []
+        for i in range(req.params.n):
+            data = SequenceData(list(req.prompt_token_ids), req.images, positions, delta)
+            seq = Sequence(req.request_id, i, data, req.params, spans, arrival_time=time.monotonic())
+            seq.gate = seqs[0] if i > 0 and self.block_manager.enable_prefix_caching else None
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[req.request_id] = seqs
+        stop = set(req.params.stop_token_ids)
+        if not req.params.ignore_eos:
+            stop |= set(req.eos_token_ids)
+        self.eos[req.request_id] = frozenset(stop)
+
+    def abort_request(self, request_id: str) -> list[EngineOutput]:
+        seqs = self.requests.pop(request_id, None)
+        self.eos.pop(request_id, None)
+        if not seqs:
+            return []
+        outs = []
+        for seq in seqs:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq, "abort")
+                outs.append(EngineOutput(request_id, seq.index, [], finish_reason="abort"))
+        return outs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[EngineOutput]:
+        sched = self.scheduler.schedule()
+        self.last_step_tokens = sched.num_tokens
+        if not sched.chunks:
+            return []
+        logits = self.runner.run(sched.chunks)
+        self.scheduler.after_step(sched)
+        sampling = [s for c, s in zip(sched.chunks, sched.seqs) if c.want_logits]
+        if not sampling:
+            return []
+        rows = [
+            SamplingInput(
+                s.params, s.data.prompt_token_ids, s.data.output_token_ids, s.index, self.eos[s.request_id]
+            )
+            for s in sampling
+        ]
+        result = sample(logits, rows)
+        now = time.monotonic()
+        outputs = []
+        for seq, tok, lp in zip(sampling, result.token_ids, result.logprobs):
+            seq.data.output_token_ids.append(tok)
+            out = EngineOutput(seq.request_id, seq.index, [tok], [lp] if lp is not None else None)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                out.num_prompt_tokens = seq.num_prompt
+                out.num_cached_tokens = seq.num_cached_prompt_tokens
+                out.queue_time = (seq.scheduled_time or now) - seq.arrival_time
+                out.first_token_latency = now - seq.arrival_time
+            reason = self._finish_reason(seq, tok)
+            if reason is not None:
+                out.finish_reason, out.stop_reason = reason
+                self.scheduler.finish(seq, *reason)
+                if all(s.status is Status.FINISHED for s in self.requests.get(seq.request_id, [])):
+                    self.requests.pop(seq.request_id, None)
+                    self.eos.pop(seq.request_id, None)
+            outputs.append(out)
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, tok: int) -> tuple[str, int | str | None] | None:
+        stops = self.eos.get(seq.request_id, frozenset())
+        if tok in stops:
+            return "stop", (tok if tok in seq.params.stop_token_ids else None)
+        n_out = len(seq.data.output_token_ids)
+        max_tokens = seq.params.max_tokens or (self.max_model_len - seq.num_prompt)
+        if n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage(),
+            num_kv_blocks=bm.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=bm.stats.queries,
+            prefix_cache_hits=bm.stats.hits,
+            step_tokens=self.last_step_tokens,
+            vision_runs=self.runner.vision_runs,
+        )
+
+
+def _image_spans(token_ids: list[int], images: list[ProcessedImage], image_token_id: int) -> BlockSpans:
+    """Token range of each image in the prompt (runs of image tokens, in order)."""
+    spans = []
+    it = iter(images)
+    i, n = 0, len(token_ids)
+    while i < n:
+        if token_ids[i] == image_token_id:
+            im = next(it)
+            spans.append((i, i + im.num_tokens, im.content_hash))
+            i += im.num_tokens
+        else:
+            i += 1
+    return BlockSpans(spans)

@@ -1,0 +1,217 @@
+"""Continuous batching: which tokens of which sequences run in the next step.
+
+Each step packs running decodes first (one token each), then prefill chunks of running and
+waiting sequences under `max_num_batched_tokens`, capped at `max_num_seqs` sequences. When
+a decode needs a block and none is free, the newest running sequence is preempted (its
+blocks freed, to be recomputed later) and goes back to the front of the waiting queue.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_cache import BlockManager, BlockSpans
+from .runner import ScheduledChunk, SequenceData
+from .sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    index: int  # sibling index (n > 1)
+    data: SequenceData
+    params: SamplingParams
+    spans: BlockSpans
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the cache
+    num_registered_blocks: int = 0  # prefix-cache bookkeeping
+    num_cached_prompt_tokens: int = 0
+    scheduled_time: float | None = None  # first admitted (queue time ends)
+    first_token_time: float | None = None
+    gate: Sequence | None = None  # sibling whose prompt must be computed first (shared prefix)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.data)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.data.prompt_token_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        """More than one token to compute: a prompt, or a recompute after preemption."""
+        return self.num_tokens - self.num_computed > 1
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    seqs: list[Sequence]  # parallel to chunks
+    preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.end - c.start for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ) -> None:
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def can_ever_fit(self, num_tokens: int) -> bool:
+        return self.bm.blocks_needed(num_tokens) <= self.bm.num_blocks
+
+    # -- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        seqs: list[Sequence] = []
+        preempted = 0
+
+        # 1) decodes of running sequences, oldest first; preempt the newest to make room
+        decoding = [s for s in self.running if not s.in_prefill]
+        for seq in decoding:
+            if budget <= 0 or seq.status is not Status.RUNNING:
+                continue
+            while self.bm.blocks_needed(seq.num_tokens) > len(seq.block_table):
+                if self.bm.append_block(seq.block_table):
+                    continue
+                victim = self._newest_running(exclude=seq)
+                if victim is None:  # only this sequence left: preempt it too
+                    self._preempt(seq)
+                    preempted += 1
+                    break
+                self._preempt(victim)
+                preempted += 1
+                if victim in seqs:
+                    i = seqs.index(victim)
+                    del seqs[i], chunks[i]
+                    budget += 1
+            if seq.status is not Status.RUNNING:
+                continue
+            chunks.append(ScheduledChunk(seq.data, seq.num_computed, seq.num_tokens, seq.block_table))
+            seqs.append(seq)
+            budget -= seq.num_tokens - seq.num_computed
+
+        # 2) running sequences still in prefill (chunked), then 3) admit waiting ones, FCFS
+        for seq in [s for s in self.running if s.in_prefill]:
+            if budget <= 0:
+                break
+            budget = self._add_prefill_chunk(seq, budget, chunks, seqs)
+
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if (
+                seq.gate is not None
+                and seq.gate.status is not Status.FINISHED
+                and seq.gate.num_computed < seq.gate.num_prompt
+            ):
+                skipped.append(self.waiting.popleft())  # sibling waits for the shared prompt
+                continue
+            seq.gate = None
+            got = self.bm.allocate_prompt(seq.data.token_ids, seq.spans, reserve=1)
+            if got is None:
+                break  # FCFS: nobody jumps the queue when the head does not fit
+            self.waiting.popleft()
+            seq.block_table, cached = got
+            seq.num_computed = cached
+            seq.num_registered_blocks = cached // self.bm.block_size
+            if seq.num_cached_prompt_tokens == 0:
+                seq.num_cached_prompt_tokens = min(cached, seq.num_prompt)
+            seq.status = Status.RUNNING
+            if seq.scheduled_time is None:
+                seq.scheduled_time = time.monotonic()
+            self.running.append(seq)
+            budget = self._add_prefill_chunk(seq, budget, chunks, seqs)
+        self.waiting.extendleft(reversed(skipped))
+        self.num_preemptions += preempted
+        return SchedulerOutput(chunks, seqs, preempted)
+
+    def _add_prefill_chunk(
+        self, seq: Sequence, budget: int, chunks: list[ScheduledChunk], seqs: list[Sequence]
+    ) -> int:
+        end = min(seq.num_tokens, seq.num_computed + budget)
+        if end <= seq.num_computed:
+            return budget
+        chunks.append(
+            ScheduledChunk(
+                seq.data, seq.num_computed, end, seq.block_table, want_logits=end == seq.num_tokens
+            )
+        )
+        seqs.append(seq)
+        return budget - (end - seq.num_computed)
+
+    def _newest_running(self, exclude: Sequence) -> Sequence | None:
+        for seq in reversed(self.running):
+            if seq is not exclude:
+                return seq
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute later: free the blocks, keep generated tokens, requeue at the front."""
+        self.running.remove(seq)
+        self.bm.free_table(seq.block_table)
+        seq.num_computed = 0
+        seq.num_registered_blocks = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    # -- after the step ------------------------------------------------------------------
+
+    def after_step(self, out: SchedulerOutput) -> None:
+        """Advance computed counts and publish newly full blocks to the prefix cache."""
+        for chunk, seq in zip(out.chunks, out.seqs):
+            if seq.status is not Status.RUNNING:
+                continue
+            seq.num_computed = chunk.end
+            seq.num_registered_blocks = self.bm.register_computed(
+                seq.block_table, seq.data.token_ids, seq.spans, seq.num_registered_blocks, seq.num_computed
+            )
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        if seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.bm.free_table(seq.block_table)
+        seq.status = Status.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
