@@ -8,6 +8,7 @@ blocks freed, to be recomputed later) and goes back to the front of the waiting 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import time
 from collections import deque
@@ -208,10 +209,8 @@ class Scheduler:
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         else:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(seq)
-            except ValueError:
-                pass
         self.bm.free_table(seq.block_table)
         seq.status = Status.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
