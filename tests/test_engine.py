@@ -1,0 +1,224 @@
+"""Continuous batching on the demo checkpoint: concurrent mixed requests with tiny prefill
+chunks, preemption, prefix caching, sampling, abort, and exact block accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hf_reference import ReferenceInputs, reference_model
+from PIL import Image
+
+from server import LLM, SamplingParams
+from server.engine.core import EngineRequest, RequestRejected
+from server.model.loader import load_model
+
+WORDS = "the cat sat on a red mat while two blue birds sang over the green tree near one small house".split()
+
+
+def _image(h: int, w: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _conversations(count: int) -> list[tuple[list[dict], list[Image.Image]]]:
+    """Prompts of different lengths; every third one carries an image of its own size."""
+    rng = np.random.default_rng(7)
+    convs = []
+    for i in range(count):
+        text = " ".join(rng.choice(WORDS, size=3 + 9 * i))
+        if i % 3 == 0:
+            im = _image(40 + 20 * i, 200 - 5 * i, i)
+            convs.append(([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], [im]))
+        else:
+            convs.append(([{"role": "user", "content": text}], []))
+    return convs
+
+
+def _ours(messages: list[dict], images: list[Image.Image]) -> list[dict]:
+    it = iter(images)
+    out = []
+    for m in messages:
+        c = m["content"]
+        if isinstance(c, list):
+            c = [{"type": "image", "image": next(it)} if p["type"] == "image" else p for p in c]
+        out.append({**m, "content": c})
+    return out
+
+
+@pytest.fixture(scope="module")
+def oracle(demo_dir):
+    path = demo_dir("w8")
+    return reference_model(load_model(path)), ReferenceInputs(path)
+
+
+def _reference_greedy(oracle, messages, images, max_tokens: int, eos: list[int]) -> list[int]:
+    ref, inputs = oracle
+    ref_in = inputs.build(messages, images)
+    with torch.no_grad():
+        gen = ref.generate(**ref_in, max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+    return gen[0, ref_in["input_ids"].shape[1] :].tolist()
+
+
+def _assert_all_blocks_released(llm: LLM) -> None:
+    bm = llm.engine.block_manager
+    bm.check_invariants()
+    assert bm.num_used == 0, f"{bm.num_used} KV blocks still referenced after all requests ended"
+    assert not llm.engine.requests and not llm.engine.scheduler.has_work()
+
+
+def test_concurrent_chunked_requests_match_transformers_alone(demo_dir, oracle):
+    """24 requests of different lengths (8 with images) submitted together, prefill chunks
+    of 32 tokens mixed with decodes: each greedy output equals transformers' run alone."""
+    llm = LLM(str(demo_dir("w8")), device="cpu", max_num_batched_tokens=32, max_model_len=1024)
+    convs = _conversations(24)
+    params = SamplingParams(temperature=0, max_tokens=10)
+    outs = llm.chat([_ours(m, ims) for m, ims in convs], params)
+    eos = llm.processor.eos_token_ids
+    lengths = {len(o.prompt_token_ids) for o in outs}
+    assert len(lengths) > 20 and max(lengths) > 3 * 32, "prompts should vary and need several chunks"
+    for (messages, images), out in zip(convs, outs):
+        assert out.outputs[0].token_ids == _reference_greedy(oracle, messages, images, 10, eos)
+    _assert_all_blocks_released(llm)
+
+
+def test_preemption_keeps_outputs_identical(demo_dir):
+    """A pool of 24 blocks cannot hold 6 growing sequences: some are preempted and
+    recomputed, and every output still equals the unconstrained run."""
+    convs = [_ours(m, ims) for m, ims in _conversations(6)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    roomy = LLM(str(demo_dir("w8")), device="cpu", max_model_len=512)
+    expected = [o.outputs[0].token_ids for o in roomy.chat(convs, params)]
+    tight = LLM(str(demo_dir("w8")), device="cpu", max_model_len=512, num_kv_blocks=24, max_num_batched_tokens=64)
+    got = [o.outputs[0].token_ids for o in tight.chat(convs, params)]
+    assert tight.engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    assert got == expected
+    _assert_all_blocks_released(tight)
+
+
+def test_prefix_cache_hits_shared_prefix_and_image(demo_dir):
+    """Two requests share a ~200-token prefix with an image: the second reuses every full
+    shared block (hit counter == shared full blocks) and gives the same output as without
+    the cache; the vision tower does not run again for the same image."""
+    path = str(demo_dir("w8"))
+    im = _image(90, 120, 11)
+    prefix = " ".join(np.random.default_rng(3).choice(WORDS, size=170))
+    conv = lambda q: [  # noqa: E731
+        {"role": "system", "content": prefix},
+        {"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": q}]},
+    ]
+    params = SamplingParams(temperature=0, max_tokens=12)
+    llm = LLM(path, device="cpu", max_model_len=1024)
+    first = llm.chat(conv("What color is it?"), params)[0]
+    stats0 = llm.engine.stats()
+    second = llm.chat(conv("How many things are there?"), params)[0]
+    stats1 = llm.engine.stats()
+
+    a, b = first.prompt_token_ids, second.prompt_token_ids
+    common = next(i for i in range(min(len(a), len(b))) if a[i] != b[i])
+    assert common >= 200, f"shared prefix is only {common} tokens"
+    shared_blocks = common // 16
+    assert stats1.prefix_cache_hits - stats0.prefix_cache_hits == shared_blocks * 16
+    assert second.num_cached_tokens == shared_blocks * 16
+    assert stats1.vision_runs == stats0.vision_runs == 1, "the same image must not be encoded twice"
+
+    uncached = LLM(path, device="cpu", max_model_len=1024, enable_prefix_caching=False)
+    assert second.outputs[0].token_ids == uncached.chat(conv("How many things are there?"), params)[0].outputs[0].token_ids
+    _assert_all_blocks_released(llm)
+
+
+@pytest.fixture(scope="module")
+def w8_llm(demo_dir):
+    return LLM(str(demo_dir("w8")), device="cpu", max_model_len=512)
+
+
+def test_seed_reproducible_whatever_the_batch(w8_llm):
+    """A seeded request samples the same tokens alone and inside a batch of others."""
+    msg = [{"role": "user", "content": "tell me about the red house"}]
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=1234)
+    alone = w8_llm.chat(msg, seeded)[0].outputs[0].token_ids
+    others = [[{"role": "user", "content": f"word {w} " * (i + 1)}] for i, w in enumerate(WORDS[:5])]
+    batch = w8_llm.chat([*others[:2], msg, *others[2:]], [SamplingParams(temperature=1.0, max_tokens=16)] * 2 + [seeded] + [SamplingParams(temperature=0.7, max_tokens=16)] * 3)
+    assert batch[2].outputs[0].token_ids == alone
+    other_seed = w8_llm.chat(msg, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=4321))[0]
+    assert other_seed.outputs[0].token_ids != alone
+
+
+def test_top_k_one_is_greedy(w8_llm):
+    msg = [{"role": "user", "content": "describe a blue bird"}]
+    greedy = w8_llm.chat(msg, SamplingParams(temperature=0, max_tokens=16))[0].outputs[0].token_ids
+    topk1 = w8_llm.chat(msg, SamplingParams(temperature=1.3, top_k=1, max_tokens=16, seed=5))[0].outputs[0].token_ids
+    assert topk1 == greedy
+
+
+def test_logprobs_match_reference_log_softmax(w8_llm, oracle):
+    """Reported logprobs (chosen + top-5) equal log_softmax of transformers' logits."""
+    messages = [{"role": "user", "content": "the green tree"}]
+    out = w8_llm.chat(messages, SamplingParams(temperature=0, max_tokens=4, logprobs=5))[0]
+    ref, inputs = oracle
+    ids = inputs.build(messages, [])["input_ids"]
+    full = torch.cat([ids, torch.tensor([out.outputs[0].token_ids])], dim=1)
+    with torch.no_grad():
+        lsm = ref(input_ids=full).logits[0].log_softmax(-1)
+    n = ids.shape[1]
+    for step, lp in enumerate(out.outputs[0].logprobs):
+        row = lsm[n - 1 + step]
+        assert abs(lp.logprob - float(row[lp.token_id])) < 1e-4
+        vals, idx = row.topk(5)
+        assert [t for t, _ in lp.top_logprobs] == idx.tolist()
+        assert np.allclose([v for _, v in lp.top_logprobs], vals.tolist(), atol=1e-4)
+
+
+def test_n_siblings_share_prompt_blocks(demo_dir):
+    """n=3: three outputs; siblings reuse the first one's full prompt blocks."""
+    llm = LLM(str(demo_dir("w8")), device="cpu", max_model_len=512)
+    messages = [{"role": "user", "content": " ".join(WORDS * 3)}]
+    out = llm.chat(messages, SamplingParams(temperature=1.0, max_tokens=8, n=3, seed=9))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1, "siblings should sample differently"
+    full_blocks = (len(out.prompt_token_ids) - 1) // 16
+    assert full_blocks >= 3
+    assert llm.engine.stats().prefix_cache_hits == 2 * full_blocks * 16
+    _assert_all_blocks_released(llm)
+
+
+def test_stop_strings_and_stop_token_ids(w8_llm):
+    msg = [{"role": "user", "content": "count the birds"}]
+    base = w8_llm.chat(msg, SamplingParams(temperature=0, max_tokens=20))[0].outputs[0]
+    assert len(base.text) > 6
+    stop = base.text[3:6]
+    cut = w8_llm.chat(msg, SamplingParams(temperature=0, max_tokens=20, stop=[stop]))[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == base.text[: base.text.index(stop)]
+    tok = base.token_ids[4]
+    by_id = w8_llm.chat(msg, SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[tok]))[0].outputs[0]
+    assert by_id.token_ids == base.token_ids[: base.token_ids.index(tok) + 1]
+    assert by_id.finish_reason == "stop" and by_id.stop_reason == tok
+    assert base.finish_reason == "length"
+
+
+def test_abort_frees_blocks_within_one_step(demo_dir):
+    llm = LLM(str(demo_dir("w8")), device="cpu", max_model_len=512)
+    core = llm.engine
+    ids = llm.processor.process_chat([{"role": "user", "content": "a long answer please " * 8}]).prompt_token_ids
+    core.add_request(EngineRequest("r1", ids, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)))
+    for _ in range(6):  # prefill + a few decodes
+        core.step()
+    assert core.block_manager.num_used > 0
+    outs = core.abort_request("r1")
+    assert [o.finish_reason for o in outs] == ["abort"]
+    assert core.block_manager.num_used == 0
+    assert core.step() == []
+    core.block_manager.check_invariants()
+
+
+def test_requests_that_can_never_fit_are_rejected(demo_dir):
+    llm = LLM(str(demo_dir("w8")), device="cpu", max_model_len=128, num_kv_blocks=4)
+    core = llm.engine
+    with pytest.raises(RequestRejected, match="maximum context length"):
+        core.add_request(EngineRequest("long", list(range(5, 200)), SamplingParams(max_tokens=4)))
+    with pytest.raises(RequestRejected, match="KV cache"):
+        core.add_request(EngineRequest("big", list(range(5, 100)), SamplingParams(max_tokens=4)))
+    with pytest.raises(RequestRejected, match="exceeds"):
+        core.add_request(EngineRequest("max", list(range(5, 50)), SamplingParams(max_tokens=100)))
+    assert not core.scheduler.has_work()
