@@ -179,6 +179,16 @@ class EngineCore:
                 outs.append(EngineOutput(request_id, seq.index, [], finish_reason="abort"))
         return outs
 
+    def finish_sequence(self, request_id: str, index: int, reason: str = "stop") -> None:
+        """End one sequence early (the API side matched a stop string); frees its blocks."""
+        seqs = self.requests.get(request_id, [])
+        for seq in seqs:
+            if seq.index == index:
+                self.scheduler.finish(seq, reason)
+        if seqs and all(s.status is Status.FINISHED for s in seqs):
+            self.requests.pop(request_id, None)
+            self.eos.pop(request_id, None)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 

@@ -7,87 +7,16 @@ batching engine in this process; text (detokenization, stop strings) is handled 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from typing import Any
 
 from server.model.processor import Processor, PromptInputs
 
-from .core import EngineArgs, EngineCore, EngineOutput, EngineRequest
-from .detokenizer import IncrementalDetokenizer
+from .core import EngineArgs, EngineCore, EngineRequest
+from .outputs import CompletionOutput, Logprob, RequestOutput, SequenceTracker
 from .sampling_params import SamplingParams
 
-
-@dataclass
-class Logprob:
-    token_id: int
-    logprob: float
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length" | "abort"
-    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
-    logprobs: list[Logprob] | None = None
-    cumulative_logprob: float | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    num_cached_tokens: int = 0
-    finished: bool = True
-
-
-class _Tracker:
-    """Text side of one sequence: detokenizer, stop strings, logprobs."""
-
-    def __init__(self, processor: Processor, params: SamplingParams, index: int) -> None:
-        self.index = index
-        self.detok = IncrementalDetokenizer(
-            processor, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
-        )
-        self.token_ids: list[int] = []
-        self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
-        self.finish_reason: str | None = None
-        self.stop_reason: str | int | None = None
-
-    def update(self, out: EngineOutput) -> bool:
-        """Apply one engine output; True if a stop string ended the sequence here."""
-        self.token_ids += out.new_token_ids
-        if self.logprobs is not None and out.new_logprobs:
-            for tok, lp in zip(out.new_token_ids, out.new_logprobs):
-                if lp is not None:
-                    self.logprobs.append(Logprob(tok, lp[0], lp[1]))
-        if out.finish_reason == "stop":
-            # the stopping token (EOS / stop_token_ids) is kept in token_ids, not in text
-            self.detok.add_tokens(out.new_token_ids[:-1])
-        else:
-            self.detok.add_tokens(out.new_token_ids)
-        if self.detok.stopped_by is not None:
-            self.finish_reason, self.stop_reason = "stop", self.detok.stopped_by
-            return True
-        if out.finish_reason is not None:
-            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
-            self.detok.flush()
-        return False
-
-    def result(self) -> CompletionOutput:
-        return CompletionOutput(
-            index=self.index,
-            text=self.detok.text,
-            token_ids=self.token_ids,
-            finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason,
-            logprobs=self.logprobs,
-            cumulative_logprob=sum(lp.logprob for lp in self.logprobs) if self.logprobs else None,
-        )
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput"]
 
 
 class LLM:
@@ -144,20 +73,20 @@ class LLM:
         if len(plist) != len(inputs):
             raise ValueError("give one SamplingParams, or one per prompt")
         rids = [f"llm-{next(self._ids)}" for _ in inputs]
-        trackers: dict[str, list[_Tracker]] = {}
+        trackers: dict[str, list[SequenceTracker]] = {}
         cached: dict[str, int] = {}
         try:
             for rid, inp, p in zip(rids, inputs, plist):
                 self.engine.add_request(
                     EngineRequest(rid, inp.prompt_token_ids, p, inp.images, self.processor.eos_token_ids)
                 )
-                trackers[rid] = [_Tracker(self.processor, p, i) for i in range(p.n)]
+                trackers[rid] = [SequenceTracker(self.processor, p, i) for i in range(p.n)]
             while self.engine.has_unfinished():
                 for out in self.engine.step():
                     if out.num_prompt_tokens:
                         cached[out.request_id] = max(cached.get(out.request_id, 0), out.num_cached_tokens)
                     if trackers[out.request_id][out.index].update(out):
-                        self._stop_sibling(out.request_id, out.index)
+                        self.engine.finish_sequence(out.request_id, out.index)  # a stop string matched
         except BaseException:
             for rid in rids:
                 self.engine.abort_request(rid)
@@ -172,13 +101,3 @@ class LLM:
             )
             for rid, inp in zip(rids, inputs)
         ]
-
-    def _stop_sibling(self, request_id: str, index: int) -> None:
-        """A stop string ended one sequence: finish it in the engine (frees its blocks)."""
-        for seq in self.engine.requests.get(request_id, []):
-            if seq.index == index:
-                self.engine.scheduler.finish(seq, "stop")
-        seqs = self.engine.requests.get(request_id, [])
-        if seqs and all(s.finish_reason is not None for s in seqs):
-            self.engine.requests.pop(request_id, None)
-            self.engine.eos.pop(request_id, None)

@@ -1,0 +1,320 @@
+"""AsyncEngine: the API-process side of the engine-process boundary.
+
+The engine process owns the model and the GPU and does nothing but schedule and run
+(EngineCore). The boundary is narrow: add request, abort request, finish one sequence (a
+stop string matched), and a stream of per-step outputs + engine stats. Text (incremental
+detokenization, stop strings) is done here, in the API process.
+
+`inline=True` runs the core in a thread of this process instead (debugging, tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.model.model_config import ModelConfig
+from server.model.processor import Processor, PromptInputs
+
+from .core import EngineArgs, EngineOutput, EngineRequest, EngineStats
+from .outputs import Logprob, SequenceTracker
+from .sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.2  # how often the reader checks that the engine is alive
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process died; every pending and future request fails with this."""
+
+
+class EngineRequestError(ValueError):
+    """The engine refused the request (e.g. it can never fit); a client error (HTTP 400)."""
+
+
+@dataclass
+class SequenceDelta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[Logprob] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestDelta:
+    """What one request gained in one engine step (one entry per sibling that changed)."""
+
+    request_id: str
+    deltas: list[SequenceDelta]
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0
+    finished: bool = False
+    queue_time: float | None = None
+    first_token_latency: float | None = None
+    completion_tokens: list[int] = field(default_factory=list)  # per sibling, so far
+
+
+# ---------------------------------------------------------------------------------------
+# Engine side
+
+
+def engine_main(args: EngineArgs, inbox: Any, outbox: Any) -> None:
+    """The engine process's loop: apply commands, step, publish outputs + stats."""
+    from .core import EngineCore, RequestRejected
+
+    try:
+        core = EngineCore(args)
+    except BaseException as e:  # report load failures to the API side before dying
+        outbox.put(("failed", f"{type(e).__name__}: {e}"))
+        raise
+    outbox.put(("ready", core.stats()))
+    while True:
+        commands = []
+        if not core.has_unfinished():
+            commands.append(inbox.get())  # idle: block until there is work
+        while True:
+            try:
+                commands.append(inbox.get_nowait())
+            except queue.Empty:
+                break
+        outputs: list[EngineOutput] = []
+        errors: list[tuple[str, str]] = []
+        for cmd, *payload in commands:
+            if cmd == "add":
+                try:
+                    core.add_request(payload[0])
+                except RequestRejected as e:
+                    errors.append((payload[0].request_id, str(e)))
+            elif cmd == "abort":
+                outputs += core.abort_request(payload[0])
+            elif cmd == "finish_seq":
+                core.finish_sequence(payload[0], payload[1])
+            elif cmd == "shutdown":
+                outbox.put(("bye", None))
+                return
+        if core.has_unfinished():
+            try:
+                outputs += core.step()
+            except Exception:
+                outbox.put(("failed", traceback.format_exc()))
+                raise
+        outbox.put(("step", outputs, errors, core.stats()))
+
+
+# ---------------------------------------------------------------------------------------
+# API side
+
+
+class _Pending:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+
+class AsyncEngine:
+    def __init__(self, args: EngineArgs, inline: bool = False) -> None:
+        self.args = args
+        self.inline = inline
+        self._pending: dict[str, _Pending] = {}
+        self._ids = itertools.count()
+        self._stats = EngineStats()
+        self._dead: str | None = None
+        self._stopping = False
+        self.processor: Processor | None = None
+        self.model_config: ModelConfig | None = None
+        self._proc: Any = None
+        self._reader: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, timeout: float = 600.0) -> None:
+        """Resolve the model (building the demo if asked), start the engine, wait until ready."""
+        from server.model.loader import resolve_model_path
+
+        path = await asyncio.to_thread(resolve_model_path, self.args.model)
+        self.model_config = ModelConfig.from_file(path / "config.json")
+        self.processor = Processor(path, self.model_config)
+        args = EngineArgs(**{**self.args.__dict__, "model": str(path)})
+        if self.inline:
+            self._inbox: Any = queue.Queue()
+            self._outbox: Any = queue.Queue()
+            self._proc = threading.Thread(target=engine_main, args=(args, self._inbox, self._outbox), daemon=True)
+        else:
+            ctx = mp.get_context("spawn")
+            self._inbox, self._outbox = ctx.Queue(), ctx.Queue()
+            self._proc = ctx.Process(target=engine_main, args=(args, self._inbox, self._outbox), daemon=True)
+        self._proc.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                msg = await asyncio.to_thread(self._outbox.get, True, 1.0)
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    raise EngineDeadError("the engine process exited while loading the model") from None
+                if time.monotonic() > deadline:
+                    raise EngineDeadError("the engine did not become ready in time") from None
+                continue
+            if msg[0] == "failed":
+                raise EngineDeadError(f"the engine failed to start: {msg[1]}")
+            if msg[0] == "ready":
+                self._stats = msg[1]
+                break
+        self._loop = asyncio.get_running_loop()
+        self._reader = threading.Thread(target=self._read_outputs, name="engine-reader", daemon=True)
+        self._reader.start()
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        if self._proc is None:
+            return
+        self._stopping = True
+        with contextlib.suppress(Exception):
+            self._inbox.put(("shutdown",))
+        await asyncio.to_thread(self._proc.join, timeout)
+        if not self.inline and self._proc.is_alive():
+            self._proc.kill()
+        self._fail_all("the engine was shut down")
+
+    @property
+    def healthy(self) -> bool:
+        return self._dead is None and self._proc is not None and self._proc.is_alive()
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead
+
+    @property
+    def pid(self) -> int | None:
+        return getattr(self._proc, "pid", None)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
+
+    # -- reading the engine's outputs (a thread: queue reads block) -----------------------
+
+    def _read_outputs(self) -> None:
+        while True:
+            try:
+                msg = self._outbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    if not self._stopping:
+                        self._mark_dead("the engine process died")
+                    return
+                continue
+            except (EOFError, OSError):
+                self._mark_dead("the engine process connection broke")
+                return
+            kind = msg[0]
+            if kind == "step":
+                _, outputs, errors, stats = msg
+                self._stats = stats
+                self._loop.call_soon_threadsafe(self._dispatch, outputs, errors)
+            elif kind == "failed":
+                self._mark_dead(f"the engine crashed: {msg[1]}")
+                return
+            elif kind == "bye":
+                return
+
+    def _mark_dead(self, reason: str) -> None:
+        log.error("%s", reason)
+        self._dead = reason
+        self._loop.call_soon_threadsafe(self._fail_all, reason)
+
+    def _fail_all(self, reason: str) -> None:
+        for p in list(self._pending.values()):
+            p.queue.put_nowait(EngineDeadError(reason))
+
+    def _dispatch(self, outputs: list[EngineOutput], errors: list[tuple[str, str]]) -> None:
+        for rid, message in errors:
+            p = self._pending.get(rid)
+            if p is not None:
+                p.queue.put_nowait(EngineRequestError(message))
+        for out in outputs:
+            p = self._pending.get(out.request_id)
+            if p is not None:
+                p.queue.put_nowait(out)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}-{int(time.time() * 1000) % 100000000}"
+
+    async def generate(
+        self, inputs: PromptInputs, params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestDelta]:
+        """Stream one request's progress; cancelling the iteration aborts it in the engine."""
+        if not self.healthy:
+            raise EngineDeadError(self._dead or "the engine is not running")
+        assert self.processor is not None
+        rid = request_id or self.new_request_id()
+        if rid in self._pending:
+            raise EngineRequestError(f"request id {rid!r} is already in use")
+        pending = _Pending(asyncio.get_running_loop())
+        self._pending[rid] = pending
+        trackers = [SequenceTracker(self.processor, params, i) for i in range(params.n)]
+        req = EngineRequest(rid, inputs.prompt_token_ids, params, inputs.images, self.processor.eos_token_ids)
+        finished_cleanly = False
+        try:
+            self._inbox.put(("add", req))
+            num_cached = 0
+            queue_time = first_latency = None
+            while True:
+                item = await pending.queue.get()
+                batch = [item]
+                while not pending.queue.empty():  # coalesce what arrived meanwhile
+                    batch.append(pending.queue.get_nowait())
+                changed: set[int] = set()
+                for out in batch:
+                    if isinstance(out, Exception):
+                        raise out
+                    t = trackers[out.index]
+                    if out.num_prompt_tokens:
+                        num_cached = max(num_cached, out.num_cached_tokens)
+                        if queue_time is None:
+                            queue_time, first_latency = out.queue_time, out.first_token_latency
+                    if t.update(out):
+                        self._inbox.put(("finish_seq", rid, out.index))  # stop string: free its blocks
+                    changed.add(out.index)
+                done = all(t.finished for t in trackers)
+                deltas = []
+                for i in sorted(changed):
+                    text, ids, lps = trackers[i].take_delta()
+                    deltas.append(SequenceDelta(i, text, ids, lps, trackers[i].finish_reason, trackers[i].stop_reason))
+                yield RequestDelta(
+                    rid,
+                    deltas,
+                    len(inputs.prompt_token_ids),
+                    num_cached,
+                    done,
+                    queue_time,
+                    first_latency,
+                    [len(t.token_ids) for t in trackers],
+                )
+                if done:
+                    finished_cleanly = True
+                    return
+        finally:
+            self._pending.pop(rid, None)
+            if not finished_cleanly and self.healthy:
+                self._inbox.put(("abort", rid))  # client went away or an error: free the KV now
+
+    async def abort(self, request_id: str) -> None:
+        if self.healthy:
+            self._inbox.put(("abort", request_id))
