@@ -29,7 +29,9 @@ def _conversations(count: int) -> list[tuple[list[dict], list[Image.Image]]]:
         text = " ".join(rng.choice(WORDS, size=3 + 9 * i))
         if i % 3 == 0:
             im = _image(40 + 20 * i, 200 - 5 * i, i)
-            convs.append(([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], [im]))
+            convs.append(
+                ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], [im])
+            )
         else:
             convs.append(([{"role": "user", "content": text}], []))
     return convs
@@ -56,7 +58,9 @@ def _reference_greedy(oracle, messages, images, max_tokens: int, eos: list[int])
     ref, inputs = oracle
     ref_in = inputs.build(messages, images)
     with torch.no_grad():
-        gen = ref.generate(**ref_in, max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+        gen = ref.generate(
+            **ref_in, max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos[0]
+        )
     return gen[0, ref_in["input_ids"].shape[1] :].tolist()
 
 
@@ -89,7 +93,9 @@ def test_preemption_keeps_outputs_identical(demo_dir):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     roomy = LLM(str(demo_dir("w8")), device="cpu", max_model_len=512)
     expected = [o.outputs[0].token_ids for o in roomy.chat(convs, params)]
-    tight = LLM(str(demo_dir("w8")), device="cpu", max_model_len=512, num_kv_blocks=24, max_num_batched_tokens=64)
+    tight = LLM(
+        str(demo_dir("w8")), device="cpu", max_model_len=512, num_kv_blocks=24, max_num_batched_tokens=64
+    )
     got = [o.outputs[0].token_ids for o in tight.chat(convs, params)]
     assert tight.engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
     assert got == expected
@@ -123,7 +129,10 @@ def test_prefix_cache_hits_shared_prefix_and_image(demo_dir):
     assert stats1.vision_runs == stats0.vision_runs == 1, "the same image must not be encoded twice"
 
     uncached = LLM(path, device="cpu", max_model_len=1024, enable_prefix_caching=False)
-    assert second.outputs[0].token_ids == uncached.chat(conv("How many things are there?"), params)[0].outputs[0].token_ids
+    assert (
+        second.outputs[0].token_ids
+        == uncached.chat(conv("How many things are there?"), params)[0].outputs[0].token_ids
+    )
     _assert_all_blocks_released(llm)
 
 
@@ -138,7 +147,12 @@ def test_seed_reproducible_whatever_the_batch(w8_llm):
     seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=1234)
     alone = w8_llm.chat(msg, seeded)[0].outputs[0].token_ids
     others = [[{"role": "user", "content": f"word {w} " * (i + 1)}] for i, w in enumerate(WORDS[:5])]
-    batch = w8_llm.chat([*others[:2], msg, *others[2:]], [SamplingParams(temperature=1.0, max_tokens=16)] * 2 + [seeded] + [SamplingParams(temperature=0.7, max_tokens=16)] * 3)
+    batch = w8_llm.chat(
+        [*others[:2], msg, *others[2:]],
+        [SamplingParams(temperature=1.0, max_tokens=16)] * 2
+        + [seeded]
+        + [SamplingParams(temperature=0.7, max_tokens=16)] * 3,
+    )
     assert batch[2].outputs[0].token_ids == alone
     other_seed = w8_llm.chat(msg, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=4321))[0]
     assert other_seed.outputs[0].token_ids != alone
@@ -147,7 +161,11 @@ def test_seed_reproducible_whatever_the_batch(w8_llm):
 def test_top_k_one_is_greedy(w8_llm):
     msg = [{"role": "user", "content": "describe a blue bird"}]
     greedy = w8_llm.chat(msg, SamplingParams(temperature=0, max_tokens=16))[0].outputs[0].token_ids
-    topk1 = w8_llm.chat(msg, SamplingParams(temperature=1.3, top_k=1, max_tokens=16, seed=5))[0].outputs[0].token_ids
+    topk1 = (
+        w8_llm.chat(msg, SamplingParams(temperature=1.3, top_k=1, max_tokens=16, seed=5))[0]
+        .outputs[0]
+        .token_ids
+    )
     assert topk1 == greedy
 
 
@@ -200,7 +218,9 @@ def test_stop_strings_and_stop_token_ids(w8_llm):
 def test_abort_frees_blocks_within_one_step(demo_dir):
     llm = LLM(str(demo_dir("w8")), device="cpu", max_model_len=512)
     core = llm.engine
-    ids = llm.processor.process_chat([{"role": "user", "content": "a long answer please " * 8}]).prompt_token_ids
+    ids = llm.processor.process_chat(
+        [{"role": "user", "content": "a long answer please " * 8}]
+    ).prompt_token_ids
     core.add_request(EngineRequest("r1", ids, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)))
     for _ in range(6):  # prefill + a few decodes
         core.step()
