@@ -241,4 +241,9 @@ def test_requests_that_can_never_fit_are_rejected(demo_dir):
         core.add_request(EngineRequest("big", list(range(5, 100)), SamplingParams(max_tokens=4)))
     with pytest.raises(RequestRejected, match="exceeds"):
         core.add_request(EngineRequest("max", list(range(5, 50)), SamplingParams(max_tokens=100)))
+    pad = llm.config.image_token_id
+    with pytest.raises(
+        RequestRejected, match="image tokens"
+    ):  # pads without an image must not crash the engine
+        core.add_request(EngineRequest("pads", [5, pad, pad, 6], SamplingParams(max_tokens=4)))
     assert not core.scheduler.has_work()

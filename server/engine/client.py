@@ -151,7 +151,9 @@ class AsyncEngine:
         if self.inline:
             self._inbox: Any = queue.Queue()
             self._outbox: Any = queue.Queue()
-            self._proc = threading.Thread(target=engine_main, args=(args, self._inbox, self._outbox), daemon=True)
+            self._proc = threading.Thread(
+                target=engine_main, args=(args, self._inbox, self._outbox), daemon=True
+            )
         else:
             ctx = mp.get_context("spawn")
             self._inbox, self._outbox = ctx.Queue(), ctx.Queue()
@@ -296,7 +298,9 @@ class AsyncEngine:
                 deltas = []
                 for i in sorted(changed):
                     text, ids, lps = trackers[i].take_delta()
-                    deltas.append(SequenceDelta(i, text, ids, lps, trackers[i].finish_reason, trackers[i].stop_reason))
+                    deltas.append(
+                        SequenceDelta(i, text, ids, lps, trackers[i].finish_reason, trackers[i].stop_reason)
+                    )
                 yield RequestDelta(
                     rid,
                     deltas,

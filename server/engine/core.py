@@ -148,6 +148,12 @@ class EngineCore:
                 f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the maximum context length "
                 f"{self.max_model_len}"
             )
+        n_image_tokens = sum(1 for t in req.prompt_token_ids if t == self.image_token_id)
+        if n_image_tokens != sum(im.num_tokens for im in req.images):
+            raise RequestRejected(
+                f"the prompt has {n_image_tokens} image tokens but its images need "
+                f"{sum(im.num_tokens for im in req.images)}"
+            )
         if not self.scheduler.can_ever_fit(n_prompt + 1):
             raise RequestRejected(f"the prompt ({n_prompt} tokens) can never fit in the KV cache")
         positions, delta = mrope_positions(
