@@ -220,7 +220,7 @@ def load_model(
         parts[target.part] = value
         if len(parts) == target.parts:
             ordered = [parts[i] for i in range(target.parts)]
-            if isinstance(ordered[0], QuantizedWeight):
+            if any(isinstance(p, QuantizedWeight) for p in ordered):
                 if not all(isinstance(p, QuantizedWeight) for p in ordered):
                     raise CheckpointError(
                         f"{source}: fused parts of {target.path} mix quantized and dense weights"
@@ -232,8 +232,13 @@ def load_model(
 
     files = _safetensors_files(path)
     awq_parts: dict[str, dict[str, torch.Tensor]] = {}
+    wanted = {n for n in _all_hf_names(net) if not (n == "lm_head.weight" and config.tie_word_embeddings)}
+    seen: set[str] = set()
+    v = config.vision
+    patch_shape = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
     for raw_name, tensor in _iter_tensors(files, f"loading {path.name}"):
         name = canonical_name(raw_name)
+        seen.add(name)
         module, _, leaf = name.rpartition(".")
         if module in awq and leaf in ("qweight", "qzeros", "scales"):
             got = awq_parts.setdefault(module, {})
@@ -250,6 +255,7 @@ def load_model(
                 _check_shape(expected, splits, target, (qw.out_features, qw.in_features), module)
                 place(target, qw.to(device), module)
                 seen_quantized.add(module)
+                seen.add(module + ".weight")
                 del awq_parts[module]
             continue
         target = target_of(name)
@@ -258,10 +264,18 @@ def load_model(
                 log.warning("ignoring unexpected checkpoint tensor %s", raw_name)
             continue
         if target.path == "visual.patch_embed.weight":
+            if tuple(tensor.shape) != patch_shape:
+                raise CheckpointError(
+                    f"{raw_name}: shape {list(tensor.shape)} does not match the config's {list(patch_shape)}"
+                )
             tensor = tensor.reshape(tensor.shape[0], -1)  # Conv3d with stride == kernel -> Linear
         if target.path == "lm_head" and config.tie_word_embeddings:
             continue
         _check_shape(expected, splits, target, tuple(tensor.shape), raw_name)
+        if sidecar is not None and leaf == "weight" and _is_decoder_linear(target) and module not in sidecar:
+            raise CheckpointError(
+                f"{module}: quantized module has no log_scale entry in {SIDECAR} (missing sidecar entry)"
+            )
         if sidecar is not None and module in sidecar and leaf == "weight":
             try:
                 value: torch.Tensor | QuantizedWeight = QuantizedWeight.from_grace(
@@ -289,11 +303,10 @@ def load_model(
     if listed - seen_quantized:
         missing = sorted(listed - seen_quantized)[0]
         raise CheckpointError(f"quantized module {missing} is listed but its weight is not in the checkpoint")
-    if pending:
-        path_, parts = next(iter(pending.items()))
-        raise CheckpointError(f"fused weight {path_} is incomplete: only parts {sorted(parts)} found")
-    if config.qat is not None:
-        _check_quantized_coverage(net, params, config)
+    missing = sorted(wanted - seen)
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+    assert not pending, pending  # every fused part arrived (all wanted names were seen)
 
     _install(net, params, expected, device, dtype)
     quant = "none"
@@ -361,11 +374,19 @@ def _read_sidecar(path: Path, config: ModelConfig) -> dict[str, torch.Tensor] | 
     if config.qat is None:
         raise CheckpointError(f"{SIDECAR} is present but config.json has no qat block (bits, group_size)")
     try:
-        raw = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        try:  # mmap: the real sidecar holds ~3 GB of bf16 copies we never read
+            raw = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            raw = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:
         raise CheckpointError(f"{SIDECAR} cannot be read as a tensor-only checkpoint: {e}") from e
     if not isinstance(raw, dict):
         raise CheckpointError(f"{SIDECAR} must hold a dict of tensors, found {type(raw).__name__}")
+    bad = [k for k, v in raw.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{SIDECAR}: entry {bad[0]} is a {type(raw[bad[0]]).__name__}, not a tensor")
     scales = {canonical_name(k[: -len(".log_scale")]): v for k, v in raw.items() if k.endswith(".log_scale")}
     if not scales:
         raise CheckpointError(f"{SIDECAR} has no .log_scale entries")
@@ -387,20 +408,8 @@ def _read_awq_modules(path: Path, config: ModelConfig) -> dict[str, int]:
     return {canonical_name(m): group for m in meta["modules"]}
 
 
-def _check_quantized_coverage(net: Qwen3VL, params: dict, config: ModelConfig) -> None:
-    for i in range(config.text.num_hidden_layers):
-        for proj in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-            key = f"layers.{i}.{proj}.weight"
-            if key in params and not isinstance(params[key], QuantizedWeight):
-                raise CheckpointError(
-                    f"{key}: decoder linear has no entry in {SIDECAR} (missing sidecar entry for a quantized module)"
-                )
-
-
 def _install(net: Qwen3VL, params: dict, expected: dict, device: torch.device, dtype: torch.dtype) -> None:
-    missing = sorted(set(expected) - set(params))
-    if missing:
-        raise CheckpointError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+    assert set(params) >= set(expected), sorted(set(expected) - set(params))  # checked by name already
     net.to_empty(device=device)
     modules = dict(net.named_modules())
     for key, value in params.items():
