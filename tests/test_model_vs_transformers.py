@@ -82,7 +82,7 @@ def _our_logits(loaded, processor, messages, chunks: int) -> tuple[list[int], to
     inputs = processor.process_chat(messages)
     ids = inputs.prompt_token_ids
     pos, delta = mrope_positions(ids, [im.grid_thw for im in inputs.images], loaded.config.image_token_id, 2)
-    seq = SequenceData(ids, inputs.images, pos, delta)
+    seq = SequenceData.from_prompt(ids, inputs.images, pos, delta)
     runner = ModelRunner(loaded.model, num_blocks=64, block_size=16)
     table = list(np.random.default_rng(0).permutation(64)[: (len(ids) + 15) // 16])  # scattered blocks
     bounds = np.linspace(0, len(ids), chunks + 1).astype(int)

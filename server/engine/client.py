@@ -16,10 +16,11 @@ import itertools
 import logging
 import multiprocessing as mp
 import queue
+import signal
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,10 +72,24 @@ class RequestDelta:
 # Engine side
 
 
+def _follow_parent() -> None:
+    """In the engine process: signals to the process group (Ctrl-C, `timeout`, `kill -TERM -pgid`)
+    are for the API process, which drains first and then sends "shutdown"; and the engine must
+    not outlive the API process (Linux: it gets SIGKILL when its parent dies)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
 def engine_main(args: EngineArgs, inbox: Any, outbox: Any) -> None:
     """The engine process's loop: apply commands, step, publish outputs + stats."""
     from .core import EngineCore, RequestRejected
 
+    if threading.current_thread() is threading.main_thread():
+        _follow_parent()
     try:
         core = EngineCore(args)
     except BaseException as e:  # report load failures to the API side before dying
@@ -105,13 +120,17 @@ def engine_main(args: EngineArgs, inbox: Any, outbox: Any) -> None:
             elif cmd == "shutdown":
                 outbox.put(("bye", None))
                 return
-        if core.has_unfinished():
+        stepped = core.has_unfinished()
+        if stepped:
             try:
                 outputs += core.step()
             except Exception:
                 outbox.put(("failed", traceback.format_exc()))
                 raise
-        outbox.put(("step", outputs, errors, core.stats()))
+        stats = core.stats()
+        if not stepped:
+            stats.step_tokens = 0  # no step ran this round (only commands were applied)
+        outbox.put(("step", outputs, errors, stats))
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,6 +156,8 @@ class AsyncEngine:
         self.model_config: ModelConfig | None = None
         self._proc: Any = None
         self._reader: threading.Thread | None = None
+        # Called with each step's EngineStats from the reader thread (metrics); must be quick.
+        self.on_stats: Callable[[EngineStats], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -227,6 +248,11 @@ class AsyncEngine:
             if kind == "step":
                 _, outputs, errors, stats = msg
                 self._stats = stats
+                if self.on_stats is not None:
+                    try:
+                        self.on_stats(stats)
+                    except Exception:  # a metrics bug must not kill the reader
+                        log.exception("on_stats hook failed")
                 self._loop.call_soon_threadsafe(self._dispatch, outputs, errors)
             elif kind == "failed":
                 self._mark_dead(f"the engine crashed: {msg[1]}")

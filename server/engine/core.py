@@ -162,7 +162,7 @@ class EngineCore:
         spans = _image_spans(req.prompt_token_ids, req.images, self.image_token_id)
         seqs = []
         for i in range(req.params.n):
-            data = SequenceData(list(req.prompt_token_ids), req.images, positions, delta)
+            data = SequenceData.from_prompt(req.prompt_token_ids, req.images, positions, delta)
             seq = Sequence(req.request_id, i, data, req.params, spans, arrival_time=time.monotonic())
             seq.gate = seqs[0] if i > 0 and self.block_manager.enable_prefix_caching else None
             seqs.append(seq)
@@ -210,17 +210,12 @@ class EngineCore:
         sampling = [s for c, s in zip(sched.chunks, sched.seqs) if c.want_logits]
         if not sampling:
             return []
-        rows = [
-            SamplingInput(
-                s.params, s.data.prompt_token_ids, s.data.output_token_ids, s.index, self.eos[s.request_id]
-            )
-            for s in sampling
-        ]
+        rows = [SamplingInput(s.params, s.data, s.index, self.eos[s.request_id]) for s in sampling]
         result = sample(logits, rows)
         now = time.monotonic()
         outputs = []
         for seq, tok, lp in zip(sampling, result.token_ids, result.logprobs):
-            seq.data.output_token_ids.append(tok)
+            seq.data.append(tok)
             out = EngineOutput(seq.request_id, seq.index, [tok], [lp] if lp is not None else None)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -242,7 +237,7 @@ class EngineCore:
         stops = self.eos.get(seq.request_id, frozenset())
         if tok in stops:
             return "stop", (tok if tok in seq.params.stop_token_ids else None)
-        n_out = len(seq.data.output_token_ids)
+        n_out = seq.data.num_output_tokens
         max_tokens = seq.params.max_tokens or (self.max_model_len - seq.num_prompt)
         if n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
             return "length", None

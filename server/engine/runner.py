@@ -9,7 +9,7 @@ block tables and the image rows that fall into each chunk.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -18,32 +18,56 @@ from server.model.layers import AttentionMetadata
 from server.model.qwen3_vl import ImageFeatures, MultimodalEmbeds, Qwen3VL
 
 
-@dataclass
+@dataclass(eq=False)
 class SequenceData:
-    """The model-side state of one sequence: its tokens and its prompt's multimodal layout."""
+    """The model-side state of one sequence: its tokens (prompt, then generated, appended in
+    place: no per-step copies) and its prompt's multimodal layout."""
 
-    prompt_token_ids: list[int]
+    token_ids: list[int]
+    num_prompt_tokens: int
     images: list[ProcessedImage]
-    mrope_positions: torch.Tensor  # [3, prompt_len]
+    mrope_positions: torch.Tensor  # [3, num_prompt_tokens]
     rope_delta: int
-    output_token_ids: list[int] = field(default_factory=list)
+    _image_mask: torch.Tensor | None = None
+
+    @classmethod
+    def from_prompt(
+        cls, prompt: list[int], images: list[ProcessedImage], positions: torch.Tensor, rope_delta: int
+    ) -> SequenceData:
+        return cls(list(prompt), len(prompt), images, positions, rope_delta)
 
     @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def append(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
 
     def __len__(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.token_ids)
+
+    def image_mask(self, image_token_id: int) -> torch.Tensor:
+        """bool [num_prompt_tokens]: which prompt positions are image tokens (computed once)."""
+        if self._image_mask is None:
+            self._image_mask = torch.tensor(self.prompt_token_ids) == image_token_id
+        return self._image_mask
 
     def positions(self, start: int, end: int) -> torch.Tensor:
         """M-RoPE positions [3, end-start] for tokens start..end-1 (prompt or generated)."""
-        n_prompt = len(self.prompt_token_ids)
-        parts = []
-        if start < n_prompt:
-            parts.append(self.mrope_positions[:, start : min(end, n_prompt)])
+        n_prompt = self.num_prompt_tokens
+        if start >= n_prompt:  # decode: the same position on all three axes
+            return (torch.arange(start, end) + self.rope_delta).expand(3, -1)
+        parts = [self.mrope_positions[:, start : min(end, n_prompt)]]
         if end > n_prompt:
-            gen = torch.arange(max(start, n_prompt), end) + self.rope_delta
-            parts.append(gen.expand(3, -1))
+            parts.append((torch.arange(n_prompt, end) + self.rope_delta).expand(3, -1))
         return torch.cat(parts, dim=1)
 
 
@@ -135,12 +159,10 @@ class ModelRunner:
     def _mm_rows(self, chunk: ScheduledChunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Image-token mask of the chunk and the feature rows (main + deepstack) inside it."""
         seq = chunk.seq
-        n_prompt = len(seq.prompt_token_ids)
+        n_prompt = seq.num_prompt_tokens
         if not seq.images or chunk.start >= n_prompt:
             return None
-        image_id = self.model.cfg.image_token_id
-        ids = torch.tensor(seq.prompt_token_ids)
-        is_img = ids == image_id
+        is_img = seq.image_mask(self.model.cfg.image_token_id)
         end = min(chunk.end, n_prompt)
         before = int(is_img[: chunk.start].sum())
         inside = int(is_img[chunk.start : end].sum())
@@ -167,8 +189,7 @@ class ModelRunner:
         bs = self.block_size
         ids, pos, slots, q_loc, seq_lens, masks, embeds, deeps = [], [], [], [0], [], [], [], []
         for c in chunks:
-            all_ids = c.seq.token_ids
-            ids.extend(all_ids[c.start : c.end])
+            ids.extend(c.seq.token_ids[c.start : c.end])
             pos.append(c.seq.positions(c.start, c.end))
             table = torch.tensor(c.block_table, dtype=torch.long)
             p = torch.arange(c.start, c.end)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .runner import SequenceData
 from .sampling_params import SamplingParams
 
 _MASK64 = (1 << 63) - 1
@@ -21,8 +22,7 @@ class SamplingInput:
     """What the sampler needs to know about one row of the batch."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    data: SequenceData  # all token ids (prompt + output) without copies
     sample_index: int = 0  # which of the n siblings
     stop_token_ids: frozenset[int] = frozenset()  # EOS ids + params.stop_token_ids, for min_tokens
 
@@ -58,12 +58,12 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingInput]) -> torch.Te
     for i, r in enumerate(rows):
         p = r.params
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(r.prompt_token_ids) | set(r.output_token_ids)), dtype=torch.long)
+            seen = torch.tensor(sorted(set(r.data.token_ids)), dtype=torch.long)
             seen = seen[seen < vocab].to(logits.device)
             vals = logits[i, seen]
             logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if (p.frequency_penalty or p.presence_penalty) and r.output_token_ids:
-            counts = torch.bincount(torch.tensor(r.output_token_ids), minlength=vocab)[:vocab].to(logits)
+        if (p.frequency_penalty or p.presence_penalty) and r.data.num_output_tokens:
+            counts = torch.bincount(torch.tensor(r.data.output_token_ids), minlength=vocab)[:vocab].to(logits)
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits)
     return logits
 
@@ -92,7 +92,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingInput]) -> SampleResult:
     raw_logprobs = logits.log_softmax(-1) if any(r.params.logprobs is not None for r in rows) else None
     logits = apply_penalties(logits.clone(), rows)
     for i, r in enumerate(rows):  # min_tokens: no stopping token before the minimum
-        if r.params.min_tokens and len(r.output_token_ids) < r.params.min_tokens and r.stop_token_ids:
+        if r.params.min_tokens and r.data.num_output_tokens < r.params.min_tokens and r.stop_token_ids:
             ids = torch.tensor(sorted(r.stop_token_ids), device=logits.device)
             logits[i, ids[ids < logits.shape[-1]]] = float("-inf")
 
@@ -112,7 +112,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingInput]) -> SampleResult:
                     logits.shape[-1],
                     None
                     if r.params.seed is None
-                    else _noise_key(r.params.seed, r.sample_index, len(r.output_token_ids)),
+                    else _noise_key(r.params.seed, r.sample_index, r.data.num_output_tokens),
                     dev,
                 )
                 for r in rows

@@ -50,7 +50,7 @@ class Sequence:
 
     @property
     def num_prompt(self) -> int:
-        return len(self.data.prompt_token_ids)
+        return self.data.num_prompt_tokens
 
     @property
     def in_prefill(self) -> bool:

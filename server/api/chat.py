@@ -1,0 +1,443 @@
+"""/v1/chat/completions (+ SSE streaming) and /v1/completions.
+
+One request = admission (queue bound, draining) -> validation -> input processing -> engine
+stream. Errors before the first byte are HTTP errors; an error after a stream began is sent as
+an SSE error event and the stream ends. A client that goes away (streaming or not) cancels
+the engine iteration, which aborts the request in the engine at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from server.engine.client import EngineDeadError, EngineRequestError, RequestDelta
+from server.engine.outputs import Logprob
+from server.engine.sampling_params import SamplingParams
+from server.metrics import RequestMetrics
+from server.model.processor import PromptInputs
+
+from .errors import SERVER, UNAVAILABLE, APIError, bad_request, error_body
+from .prompts import chat_inputs, completion_inputs, fit_to_context, sampling_params
+from .protocol import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
+from .state import ServerState, Ticket
+
+log = logging.getLogger("grace_serve.api")
+router = APIRouter()
+T = TypeVar("T")
+_LOGPROB_FLOOR = -9999.0  # JSON has no -inf
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.grace
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.config.model_name:
+        raise APIError(
+            404,
+            f"The model `{model}` does not exist. This server serves `{state.config.model_name}`.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+# -- shared generation plumbing ---------------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    """What one choice (sibling) has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+async def tracked(
+    state: ServerState,
+    inputs: PromptInputs,
+    params: SamplingParams,
+    rid: str,
+    rm: RequestMetrics,
+    ticket: Ticket,
+) -> AsyncIterator[RequestDelta]:
+    """The engine stream with metrics and admission bookkeeping. Closing it (disconnect, error)
+    closes the engine stream right away, which aborts the request in the engine."""
+    assert state.engine is not None
+    finished = False
+    try:
+        async with contextlib.aclosing(state.engine.generate(inputs, params, rid)) as stream:
+            async for delta in stream:
+                ticket.release()
+                rm.on_delta(delta)
+                finished = delta.finished
+                yield delta
+    except EngineRequestError as e:
+        raise bad_request(str(e), None, "engine_rejected") from e
+    finally:
+        ticket.release()
+        rm.finish(params.n, aborted=not finished)
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await work, but cancel it (and raise ClientDisconnected) if the client goes away."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # we were cancelled ourselves (shutdown): take both down with us
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await task
+    raise ClientDisconnected()
+
+
+def _engine_error(e: Exception) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, EngineDeadError):
+        return APIError(503, "the inference engine stopped; retry later", UNAVAILABLE, None, "engine_dead",
+                        {"Retry-After": "5"})  # fmt: skip
+    return APIError(500, "internal server error", SERVER, None, "internal_error")
+
+
+def _sse(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _usage(rm: RequestMetrics) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": rm.num_prompt_tokens,
+        "completion_tokens": rm.total_completion_tokens,
+        "total_tokens": rm.num_prompt_tokens + rm.total_completion_tokens,
+    }
+    if rm.num_cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": rm.num_cached_tokens}
+    return usage
+
+
+def _note_access(request: Request, rid: str, rm: RequestMetrics) -> None:
+    """Numbers for the access log line (written by the middleware when the response ends)."""
+    request.state.access = lambda: {
+        "id": rid,
+        "prompt_tokens": rm.num_prompt_tokens,
+        "completion_tokens": rm.total_completion_tokens,
+        "ttft_ms": None if rm.ttft is None else round(rm.ttft * 1000, 1),
+        "finish": ",".join(sorted(set(rm.finish_reasons.values()))) or None,
+    }
+
+
+async def _serve(
+    request: Request,
+    state: ServerState,
+    ticket: Ticket,
+    prepare: Callable[[], Awaitable[tuple[PromptInputs, SamplingParams]]],
+    stream: bool,
+    rid: str,
+    render_stream: Callable[
+        [AsyncIterator[RequestDelta], RequestMetrics, SamplingParams], AsyncIterator[bytes]
+    ],
+    render_full: Callable[[list[Choice], RequestMetrics], dict[str, Any]],
+) -> Response:
+    """Common path of chat and completions once the request is admitted."""
+    arrival = time.monotonic()
+    # The middleware calls this when the response is over, whatever happened (a stream that
+    # never started never runs its own cleanup).
+    request.state.cleanup = ticket.release
+    try:
+        inputs, params = await until_disconnected(request, prepare())
+    except ClientDisconnected:
+        return Response(status_code=499)
+    rm = RequestMetrics(state.metrics, arrival)
+    _note_access(request, rid, rm)
+    deltas = tracked(state, inputs, params, rid, rm, ticket)
+    if stream:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(
+            render_stream(deltas, rm, params), media_type="text/event-stream", headers=headers
+        )
+
+    async def collect() -> list[Choice]:
+        choices = [Choice() for _ in range(params.n)]
+        async with contextlib.aclosing(deltas) as it:
+            async for delta in it:
+                for d in delta.deltas:
+                    c = choices[d.index]
+                    c.text.append(d.text)
+                    c.logprobs += d.logprobs or []
+                    if d.finish_reason is not None:
+                        c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+        return choices
+
+    try:
+        choices = await until_disconnected(request, collect())
+    except ClientDisconnected:
+        return Response(status_code=499)
+    except APIError:
+        raise
+    except (EngineDeadError, EngineRequestError) as e:
+        raise _engine_error(e) from e
+    return JSONResponse(render_full(choices, rm))
+
+
+async def _stream_guard(rid: str, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Turn a failure after streaming began into an SSE error event, then end the stream."""
+    try:
+        async for chunk in body:
+            yield chunk
+    except Exception as e:
+        err = _engine_error(e)
+        if err.status == 500:
+            log.exception("internal error while streaming (request %s)", rid)
+        yield _sse(error_body(err.message, err.type, err.param, err.code))
+
+
+# -- logprobs formatting ----------------------------------------------------------------------
+
+
+class _TokenText:
+    """Token id -> its text, cached (logprobs name every alternative)."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.processor = state.processor
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.cache[token_id] = self.processor.decode([token_id], skip_special_tokens=False)
+        return text
+
+
+def _lp(value: float) -> float:
+    return max(float(value), _LOGPROB_FLOOR)
+
+
+def chat_logprobs(tok: _TokenText, lps: list[Logprob], top: int) -> dict[str, Any]:
+    def entry(tid: int, lp: float) -> dict[str, Any]:
+        text = tok(tid)
+        return {"token": text, "logprob": _lp(lp), "bytes": list(text.encode("utf-8"))}
+
+    return {
+        "content": [
+            entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top_logprobs[:top]]}
+            for lp in lps
+        ]
+    }
+
+
+def completion_logprobs(tok: _TokenText, lps: list[Logprob], top: int, offset: int) -> dict[str, Any]:
+    tokens, offsets = [], []
+    for lp in lps:
+        tokens.append(tok(lp.token_id))
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    return {
+        "tokens": tokens,
+        "token_logprobs": [_lp(lp.logprob) for lp in lps],
+        "top_logprobs": [{tok(t): _lp(v) for t, v in lp.top_logprobs[:top]} for lp in lps],
+        "text_offset": offsets,
+    }
+
+
+# -- /v1/chat/completions -----------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream=true"}
+    },
+)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    state = get_state(request)
+    check_model(state, body.model)
+    params = sampling_params(state, body)  # cheap checks first, before any image work
+    ticket = state.admit()
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    model = state.config.model_name
+    top = body.top_logprobs or 0
+    max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+
+    async def prepare() -> tuple[PromptInputs, SamplingParams]:
+        inputs = await chat_inputs(state, body.messages)
+        return inputs, fit_to_context(state, params, len(inputs.prompt_token_ids), "messages", max_param)
+
+    def chunk(choices: list[dict[str, Any]], usage: Any = ...) -> bytes:
+        payload: dict[str, Any] = {
+            "id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices
+        }  # fmt: skip
+        if include_usage:
+            payload["usage"] = None if usage is ... else usage
+        return _sse(payload)
+
+    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+
+    async def render_stream(
+        deltas: AsyncIterator[RequestDelta], rm: RequestMetrics, p: SamplingParams
+    ) -> AsyncIterator[bytes]:
+        tok = _TokenText(state)
+        for i in range(p.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])  # fmt: skip
+        async with contextlib.aclosing(deltas) as it:
+            async for delta in it:
+                out = []
+                for d in delta.deltas:
+                    if not d.text and not d.logprobs and d.finish_reason is None:
+                        continue
+                    out.append({
+                        "index": d.index,
+                        "delta": {"content": d.text} if d.text else {},
+                        "logprobs": chat_logprobs(tok, d.logprobs, top) if p.logprobs is not None and d.logprobs else None,
+                        "finish_reason": d.finish_reason,
+                        **({"stop_reason": d.stop_reason} if d.finish_reason is not None else {}),
+                    })  # fmt: skip
+                if out:
+                    yield chunk(out)
+        if include_usage:
+            yield chunk([], _usage(rm))
+        yield b"data: [DONE]\n\n"
+
+    def render_full(choices: list[Choice], rm: RequestMetrics) -> dict[str, Any]:
+        tok = _TokenText(state)
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": "".join(c.text)},
+                    "logprobs": chat_logprobs(tok, c.logprobs, top) if params.logprobs is not None else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                for i, c in enumerate(choices)
+            ],
+            "usage": _usage(rm),
+        }
+
+    def stream_body(
+        d: AsyncIterator[RequestDelta], rm: RequestMetrics, p: SamplingParams
+    ) -> AsyncIterator[bytes]:
+        return _stream_guard(rid, render_stream(d, rm, p))
+
+    return await _serve(request, state, ticket, prepare, body.stream, rid, stream_body, render_full)
+
+
+# -- /v1/completions ----------------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream=true"}
+    },
+)
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    state = get_state(request)
+    check_model(state, body.model)
+    params = sampling_params(state, body)
+    ticket = state.admit()
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    model = state.config.model_name
+    top = body.logprobs or 0
+    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+
+    async def prepare() -> tuple[PromptInputs, SamplingParams]:
+        inputs = completion_inputs(state, body)
+        return inputs, fit_to_context(state, params, len(inputs.prompt_token_ids), "prompt", "max_tokens")
+
+    def chunk(choices: list[dict[str, Any]], usage: Any = ...) -> bytes:
+        payload: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                                   "choices": choices}  # fmt: skip
+        if include_usage:
+            payload["usage"] = None if usage is ... else usage
+        return _sse(payload)
+
+    async def render_stream(
+        deltas: AsyncIterator[RequestDelta], rm: RequestMetrics, p: SamplingParams
+    ) -> AsyncIterator[bytes]:
+        tok = _TokenText(state)
+        offsets = [0] * p.n
+        async with contextlib.aclosing(deltas) as it:
+            async for delta in it:
+                out = []
+                for d in delta.deltas:
+                    if not d.text and not d.logprobs and d.finish_reason is None:
+                        continue
+                    lps = None
+                    if p.logprobs is not None and d.logprobs:
+                        lps = completion_logprobs(tok, d.logprobs, top, offsets[d.index])
+                    offsets[d.index] += len(d.text)
+                    out.append({"index": d.index, "text": d.text, "logprobs": lps, "finish_reason": d.finish_reason,
+                                **({"stop_reason": d.stop_reason} if d.finish_reason is not None else {})})  # fmt: skip
+                if out:
+                    yield chunk(out)
+        if include_usage:
+            yield chunk([], _usage(rm))
+        yield b"data: [DONE]\n\n"
+
+    def render_full(choices: list[Choice], rm: RequestMetrics) -> dict[str, Any]:
+        tok = _TokenText(state)
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": i,
+                    "text": "".join(c.text),
+                    "logprobs": completion_logprobs(tok, c.logprobs, top, 0)
+                    if params.logprobs is not None
+                    else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                for i, c in enumerate(choices)
+            ],
+            "usage": _usage(rm),
+        }
+
+    def stream_body(
+        d: AsyncIterator[RequestDelta], rm: RequestMetrics, p: SamplingParams
+    ) -> AsyncIterator[bytes]:
+        return _stream_guard(rid, render_stream(d, rm, p))
+
+    return await _serve(request, state, ticket, prepare, body.stream, rid, stream_body, render_full)

@@ -1,0 +1,210 @@
+"""Request -> model input: chat messages (with images) or a raw prompt -> PromptInputs, and the
+request's sampling fields -> SamplingParams (model defaults where the request is silent).
+
+Image work (base64 decode, pixel decode, resize, patchify) runs in the thread pool, never on
+the event loop; http(s) images are fetched first (media.py). Every refusal is a 400 whose
+`param` points at the offending field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import Any
+
+from server.engine.sampling_params import SamplingParams
+from server.model.images import ImageError, ProcessedImage
+from server.model.processor import PromptError, PromptInputs
+
+from .errors import APIError, bad_request
+from .media import check_allowed, fetch_image, url_scheme
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from .state import ServerState
+
+_DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+_FALLBACK = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+# -- messages -------------------------------------------------------------------------------
+
+
+def normalize_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Messages in the shape the chat template expects (images as `{"type": "image"}`
+    placeholders, as Processor.process_chat builds them) and the image URLs with their param."""
+    out: list[dict[str, Any]] = []
+    images: list[tuple[str, str]] = []
+    for i, m in enumerate(messages):
+        content: Any
+        if isinstance(m.content, list):
+            content = []
+            for j, part in enumerate(m.content):
+                if part.type == "text":
+                    content.append({"type": "text", "text": part.text})
+                else:
+                    assert part.image_url is not None
+                    images.append((f"messages[{i}].content[{j}].image_url.url", part.image_url.url))
+                    content.append({"type": "image"})
+        else:
+            content = m.content or ""
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.name is not None:
+            msg["name"] = m.name
+        out.append(msg)
+    return out, images
+
+
+async def chat_inputs(
+    state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True
+) -> PromptInputs:
+    processor = state.processor
+    normalized, sources = normalize_messages(messages)
+    limit = state.config.max_images_per_request
+    if len(sources) > limit:
+        raise bad_request(
+            f"too many images: {len(sources)} in this request, the limit is {limit}",
+            "messages",
+            "too_many_images",
+        )
+    for param, url in sources:  # refuse cheap-to-spot problems before any decoding work
+        _check_source(state, param, url)
+    try:
+        text = processor.render_chat(normalized, add_generation_prompt)
+    except PromptError as e:
+        raise bad_request(str(e), "messages") from e
+    images = await asyncio.gather(*(_load_image(state, param, url) for param, url in sources))
+    try:
+        return await asyncio.to_thread(processor.build_inputs, text, list(images))
+    except PromptError as e:
+        raise bad_request(str(e), "messages") from e
+
+
+def _check_source(state: ServerState, param: str, url: str) -> None:
+    scheme = url_scheme(url)
+    try:
+        if scheme in ("http", "https"):
+            check_allowed(url, state.media)
+        elif scheme != "data":
+            raise ImageError(
+                f"image URL scheme {scheme or '(none)'!r} is not allowed: send a data: URL"
+                + (" or an http(s) URL on an allowed host" if state.media.allowed_domains else "")
+            )
+    except ImageError as e:
+        raise bad_request(str(e), param, "invalid_image_url") from e
+
+
+async def _load_image(state: ServerState, param: str, url: str) -> ProcessedImage:
+    source: str | bytes = url
+    if url_scheme(url) in ("http", "https"):
+        assert state.http is not None
+        try:
+            source = await fetch_image(url, state.media, state.http)
+        except ImageError as e:
+            raise bad_request(str(e), param, "invalid_image_url") from e
+    try:
+        t0 = time.perf_counter()
+        image = await asyncio.to_thread(state.processor.load, source)
+        state.metrics.image_preprocess.observe(time.perf_counter() - t0)
+        return image
+    except (ImageError, PromptError) as e:
+        raise bad_request(str(e), param, "invalid_image") from e
+
+
+def completion_inputs(state: ServerState, req: CompletionRequest) -> PromptInputs:
+    prompt: Any = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise bad_request("only one prompt per request is supported", "prompt")
+        prompt = prompt[0]
+    if not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    if isinstance(prompt, list):
+        check_token_ids(state, prompt, "prompt")
+    try:
+        return state.processor.process_prompt(prompt)
+    except PromptError as e:
+        raise bad_request(str(e), "prompt") from e
+
+
+def check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
+    vocab = state.processor.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is out of range (vocabulary size {vocab})", param)
+
+
+# -- sampling -------------------------------------------------------------------------------
+
+
+def sampling_params(state: ServerState, req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+    """Validate and convert the sampling fields (before any expensive input work); max_tokens
+    is settled later by fit_to_context() once the prompt length is known."""
+    defaults = state.processor.generation_defaults
+    values = {}
+    for name in _DEFAULTABLE:
+        v = getattr(req, name)
+        values[name] = v if v is not None else defaults.get(name, _FALLBACK[name])
+    if isinstance(req, ChatCompletionRequest):
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        max_tokens = req.max_tokens
+        logprobs = req.logprobs
+        if req.echo:
+            raise bad_request("echo is not supported", "echo")
+        if req.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 16:
+        raise bad_request("at most 16 stop strings", "stop")
+    if any(s == "" for s in stop):
+        raise bad_request("stop strings must not be empty", "stop")
+    if req.stop_token_ids:
+        check_token_ids(state, req.stop_token_ids, "stop_token_ids")
+    if max_tokens is not None and req.min_tokens > max_tokens:
+        raise bad_request("min_tokens must not exceed max_tokens", "min_tokens")
+    try:
+        return SamplingParams(
+            n=req.n,
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            stop=stop,
+            stop_token_ids=list(req.stop_token_ids or []),
+            seed=req.seed,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            logprobs=logprobs,
+            ignore_eos=req.ignore_eos,
+            skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            **values,
+        )
+    except ValueError as e:  # SamplingParams names the field first
+        raise bad_request(str(e), str(e).split(" ", 1)[0]) from e
+
+
+def fit_to_context(state: ServerState, params: SamplingParams, num_prompt: int, prompt_param: str,
+                   max_tokens_param: str) -> SamplingParams:  # fmt: skip
+    """Refuse prompts that cannot fit; default max_tokens to the rest of the context (vLLM)."""
+    limit = state.max_model_len
+    if num_prompt >= limit:
+        raise APIError(
+            400,
+            f"the prompt has {num_prompt} tokens, which leaves no room to generate within the maximum "
+            f"context length of {limit} tokens",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if params.max_tokens is None:
+        return replace(params, max_tokens=limit - num_prompt)
+    if num_prompt + params.max_tokens > limit:
+        raise APIError(
+            400,
+            f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the maximum context "
+            f"length of {limit} tokens",
+            param=max_tokens_param,
+            code="context_length_exceeded",
+        )
+    return params

@@ -1,0 +1,123 @@
+"""Server-wide state shared by the middleware, the routes and the process lifecycle:
+the engine, metrics, admission control (queue bound, draining) and in-flight counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from server.config import ServerConfig
+from server.metrics import Metrics
+
+from .errors import unavailable
+from .media import MediaPolicy, new_http_client
+
+if TYPE_CHECKING:
+    import httpx
+
+    from server.engine.client import AsyncEngine
+    from server.model.processor import Processor
+
+log = logging.getLogger("grace_serve.api")
+
+
+class Ticket:
+    """A request's place in the admission queue; released at its first token (or its end)."""
+
+    def __init__(self, state: ServerState) -> None:
+        self._state: ServerState | None = state
+
+    def release(self) -> None:
+        if self._state is not None:
+            self._state.queued -= 1
+            self._state.metrics.requests_queued.set(self._state.queued)
+            self._state = None
+
+
+class ServerState:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.engine: AsyncEngine | None = None
+        self.metrics = Metrics(
+            config.model_name, config.max_model_len or 1
+        )  # replaced once the model is known
+        self.media = MediaPolicy(
+            frozenset(d.lower().strip("[]").rstrip(".") for d in config.allowed_media_domains),
+            config.media_fetch_timeout,
+            config.max_image_bytes,
+        )
+        self.http: httpx.AsyncClient | None = None
+        self.max_model_len = config.max_model_len or 0
+        self.started_at = int(time.time())
+        self.queued = 0  # admitted, no first token yet (preprocessing + engine waiting queue)
+        self.inflight = 0  # API requests being served (what a drain waits for)
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.stopping = False
+        self.exit_code = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from server.engine.client import AsyncEngine
+
+        c = self.config
+        engine = AsyncEngine(c.engine_args(), inline=c.engine_in_thread)
+        await engine.start()
+        assert engine.processor is not None and engine.model_config is not None
+        # the byte and pixel caps are server policy, not model config
+        engine.processor.image_settings = dataclasses.replace(
+            engine.processor.image_settings,
+            max_encoded_bytes=c.max_image_bytes,
+            max_decoded_pixels=c.max_image_pixels,
+        )
+        self.max_model_len = c.max_model_len or engine.model_config.text.max_position_embeddings
+        self.metrics = Metrics(c.model_name, self.max_model_len)
+        engine.on_stats = self.metrics.on_engine_stats
+        self.http = new_http_client(self.media)
+        self.engine = engine
+        log.info("engine ready: model %s, max_model_len %d", c.model, self.max_model_len)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self.http is not None:
+            await self.http.aclose()
+        if self.engine is not None:
+            await self.engine.shutdown(timeout=10)
+
+    @property
+    def processor(self) -> Processor:
+        assert self.engine is not None and self.engine.processor is not None
+        return self.engine.processor
+
+    @property
+    def healthy(self) -> bool:
+        return self.engine is not None and self.engine.healthy and not self.draining
+
+    def engine_dead(self) -> bool:
+        return self.engine is not None and not self.engine.healthy and not self.stopping
+
+    # -- draining (SIGTERM) ----------------------------------------------------------------
+
+    def start_drain(self) -> None:
+        """Called from the signal handler: only set flags here."""
+        if not self.draining:
+            self.draining = True
+            self.drain_deadline = time.monotonic() + self.config.drain_timeout
+
+    # -- admission -------------------------------------------------------------------------
+
+    def admit(self) -> Ticket:
+        if self.draining:
+            raise unavailable("the server is shutting down; retry on another replica", "draining", 5)
+        if self.engine is None or not self.engine.healthy:
+            raise unavailable("the inference engine is not running", "engine_unavailable", 5)
+        if self.queued >= self.config.max_queued_requests:
+            raise unavailable(
+                f"too many requests are waiting ({self.queued}); retry shortly", "queue_full", 1
+            )
+        self.queued += 1
+        self.metrics.requests_queued.set(self.queued)
+        return Ticket(self)
