@@ -16,6 +16,7 @@ from types import FrameType
 from typing import Any
 
 log = logging.getLogger("grace_serve")
+DEAD_GRACE_S = 1.0  # after the engine dies: serve 503s this long, then exit 1
 
 _RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     class Server(uvicorn.Server):
         """uvicorn, with a drain on the first SIGTERM/SIGINT and an exit when the engine dies."""
 
+        dead_since: float | None = None
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             # signal handler: set flags only; on_tick does the rest
             if state.draining:
@@ -103,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             if await super().on_tick(counter):
                 return True
             if state.engine_dead():
-                log.error(
-                    "the engine process died (%s); exiting", state.engine.dead_reason if state.engine else "?"
-                )
-                state.exit_code = 1
-                return True
+                if self.dead_since is None:
+                    reason = (state.engine.dead_reason if state.engine else None) or "it exited"
+                    log.error("the engine process died (%s); exiting with status 1", reason)
+                    self.dead_since = time.monotonic()
+                    state.exit_code = 1
+                # a moment of 503s first: probes see it and in-flight requests send their errors
+                return time.monotonic() - self.dead_since >= DEAD_GRACE_S
             if state.draining:
                 if not getattr(self, "_drain_logged", False):
                     self._drain_logged = True

@@ -132,10 +132,14 @@ class Metrics:
 
     # -- engine side: called for every engine step (from the engine reader thread) -----------
 
-    def on_engine_stats(self, stats: Any) -> None:
+    def set_gauges(self, stats: Any) -> None:
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
+
+    def on_engine_stats(self, stats: Any) -> None:
+        """Once per engine step: gauges, tokens of the step, cumulative counters."""
+        self.set_gauges(stats)
         if stats.step_tokens > 0:
             self.iteration_tokens.observe(stats.step_tokens)
         with self._lock:  # cumulative engine counters -> increments
@@ -168,6 +172,7 @@ class RequestMetrics:
         self.queue_time: float | None = None
         self.finish_reasons: dict[int, str] = {}
         self.done = False
+        self.rejected = False  # refused by the engine (a 400): not a served request
 
     @property
     def total_completion_tokens(self) -> int:
@@ -203,7 +208,7 @@ class RequestMetrics:
 
     def finish(self, n: int, aborted: bool = False) -> None:
         """Record the request once: finished normally, or aborted (disconnect, error)."""
-        if self.done:
+        if self.done or self.rejected:
             return
         self.done = True
         m = self.m

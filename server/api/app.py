@@ -213,8 +213,8 @@ def _router() -> Any:
     @router.get("/metrics")
     async def metrics(request: Request) -> Response:
         state = get_state(request)
-        if state.engine is not None:  # the gauges are also set per step; refresh for idle servers
-            state.metrics.on_engine_stats(state.engine.stats())
+        if state.engine is not None:  # also set per engine step; refreshed here for idle servers
+            state.metrics.set_gauges(state.engine.stats())
         state.metrics.draining.set(1 if state.draining else 0)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

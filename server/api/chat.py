@@ -89,6 +89,7 @@ async def tracked(
                 finished = delta.finished
                 yield delta
     except EngineRequestError as e:
+        rm.rejected = True
         raise bad_request(str(e), None, "engine_rejected") from e
     finally:
         ticket.release()

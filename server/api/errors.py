@@ -103,6 +103,9 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> APIError:
     param = param_path(deepest.get("loc", ()))
     same = [e for e in errors if param_path(e.get("loc", ())) == param]
     msgs = list(dict.fromkeys(str(e.get("msg", "invalid value")) for e in same))
+    lead = "Input should be "
+    if len(msgs) > 1 and all(m.startswith(lead) for m in msgs):  # a union: "a valid string or a valid list"
+        msgs = [lead + " or ".join(m[len(lead) :] for m in msgs)]
     where = param or "request body"
     return bad_request(f"{where}: {' or '.join(msgs)}", param=param)
 

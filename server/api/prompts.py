@@ -198,6 +198,8 @@ def fit_to_context(state: ServerState, params: SamplingParams, num_prompt: int, 
             code="context_length_exceeded",
         )
     if params.max_tokens is None:
+        if params.min_tokens > limit - num_prompt:
+            raise bad_request(f"min_tokens ({params.min_tokens}) does not fit in the context", "min_tokens")
         return replace(params, max_tokens=limit - num_prompt)
     if num_prompt + params.max_tokens > limit:
         raise APIError(
