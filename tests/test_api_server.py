@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from api_server import ServerProcess, data_url, image_bytes, kv_empty, scrape, wait_until
+from api_server import REPO, ServerProcess, data_url, image_bytes, kv_empty, scrape, wait_until
 
 openai = pytest.importorskip("openai")
 
@@ -217,37 +218,19 @@ def test_completions_endpoint(client):
 
 # -- the README examples, run verbatim (only the base URL is swapped for the test server's) -------
 
-README_CURL = r"""
-curl -s http://127.0.0.1:8000/v1/chat/completions \
-  -H 'Content-Type: application/json' \
-  -H "Authorization: Bearer ${GRACE_SERVE_API_KEY:-none}" \
-  -d @- <<EOF
-{"model": "demo", "max_tokens": 32,
- "messages": [{"role": "user", "content": [
-   {"type": "image_url", "image_url": {"url": "data:image/png;base64,$(base64 < cat.png | tr -d '\n')"}},
-   {"type": "text", "text": "What is in this image?"}]}]}
-EOF
-""".lstrip()
 
-README_SDK = """
-import base64, os
-from openai import OpenAI
+def _readme_block(lang: str, must_contain: str) -> str:
+    """The README's fenced `lang` code block that contains `must_contain` (read, not copied,
+    so the documented example is the tested one)."""
+    text = (REPO / "README.md").read_text()
+    for block in re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S):
+        if must_contain in block:
+            return block
+    raise AssertionError(f"README.md has no {lang} block with {must_contain!r}")
 
-client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=os.environ.get("GRACE_SERVE_API_KEY", "none"))
-image = "data:image/png;base64," + base64.b64encode(open("cat.png", "rb").read()).decode()
-messages = [{"role": "user", "content": [
-    {"type": "image_url", "image_url": {"url": image}},
-    {"type": "text", "text": "What is in this image?"},
-]}]
-reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=32)
-print(reply.choices[0].message.content)
 
-stream = client.chat.completions.create(model="demo", messages=messages, max_tokens=32, stream=True)
-for chunk in stream:
-    if chunk.choices:
-        print(chunk.choices[0].delta.content or "", end="", flush=True)
-print()
-""".lstrip()
+README_CURL = _readme_block("bash", "/v1/chat/completions")
+README_SDK = _readme_block("python", "from openai import OpenAI")
 
 
 def _run_example(tmp_path, cmd: list[str]) -> str:
