@@ -6,6 +6,7 @@ Each function's docstring states the tensor layouts the fast kernels must share.
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,7 +14,15 @@ import torch
 if TYPE_CHECKING:  # quant.py imports this module lazily; avoid a runtime cycle
     from kernels.quant import QuantizedWeight
 
-__all__ = ["paged_attention", "qmatmul", "rms_norm", "silu_and_mul", "write_kv_cache"]
+__all__ = [
+    "add_rms_norm",
+    "paged_attention",
+    "qmatmul",
+    "rms_norm",
+    "silu_and_mul",
+    "varlen_attention",
+    "write_kv_cache",
+]
 
 
 def qmatmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,6 +148,52 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm: ``h = x + residual`` (in x.dtype, as the model adds), returns
+    ``(rms_norm(h, weight, eps), h)``."""
+    h = x + residual.to(x.dtype)
+    return rms_norm(h, weight, eps), h
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Attention within each packed segment (vision tower: full attention inside each image).
+
+    q ``[T, H_q, D]``, k/v ``[T, H_kv, D]`` (GQA as in :func:`paged_attention`), cu_seqlens int
+    ``[B+1]``: segment b is rows ``cu_seqlens[b]:cu_seqlens[b+1]``. fp32 inside; rows past
+    ``cu_seqlens[B]`` are zero; returns q.dtype.
+    """
+    t, h_q, d = q.shape
+    h_kv = k.shape[1]
+    if k.shape != v.shape or k.shape[0] != t or k.shape[2] != d or h_q % h_kv:
+        raise ValueError(f"q {list(q.shape)} incompatible with k {list(k.shape)} / v {list(v.shape)}")
+    scale = d**-0.5 if scale is None else scale
+    group = h_q // h_kv
+    bounds = cu_seqlens.tolist()
+    out = torch.zeros_like(q)
+    for start, end in itertools.pairwise(bounds):
+        if end <= start:
+            continue
+        qs = q[start:end].float().transpose(0, 1)  # [H_q, L, D]
+        ks = k[start:end].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        vs = v[start:end].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = qs @ ks.transpose(1, 2) * scale
+        if causal:
+            n = end - start
+            future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        out[start:end] = (torch.softmax(scores, dim=-1) @ vs).transpose(0, 1).to(q.dtype)
+    return out
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

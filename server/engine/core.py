@@ -39,7 +39,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True
     encoder_cache_bytes: int = 256 << 20
-    linear_backend: str = "auto"
+    kernel_backend: str = "auto"  # "auto" (Triton on CUDA), "reference", "triton"
 
 
 @dataclass
@@ -93,7 +93,7 @@ class EngineCore:
             dtype = getattr(torch, args.dtype) if args.dtype else None
             loaded = load_model(args.model, device=device, dtype=dtype, quantization=args.quantization)
             model = loaded.model
-        model.set_linear_backend(args.linear_backend)
+        model.set_backend(args.kernel_backend)
         self.model = model
         cfg = model.cfg
         self.image_token_id = cfg.image_token_id

@@ -49,14 +49,33 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {kind}"
 
 
+def use_triton(x: torch.Tensor, backend: str) -> bool:
+    """ "triton" forces the Triton kernels (the interpreter on CPU); "auto" uses them on CUDA."""
+    return backend == "triton" or (backend == "auto" and x.is_cuda)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.eps = eps
+        self.backend = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(x, self.backend):
+            from kernels import norms
+
+            return norms.rms_norm(x, self.weight, self.eps)
         return ref.rms_norm(x, self.weight, self.eps)
+
+
+def silu_and_mul(x: torch.Tensor, backend: str) -> torch.Tensor:
+    if use_triton(x, backend):
+        from kernels import norms
+
+        return norms.silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -134,10 +153,26 @@ def paged_attention(
     kv_cache: tuple[torch.Tensor, torch.Tensor],
     meta: AttentionMetadata,
     scale: float,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """The attention call-site of the decoder: write this step's K/V, then attend over the
     whole cached context of each sequence (prefill, prefill with a cached prefix, decode)."""
     k_cache, v_cache = kv_cache
+    if use_triton(q, backend):
+        from kernels import attention
+
+        attention.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        return attention.paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            scale,
+            max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_seq_len,
+        )
     ref.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
     return ref.paged_attention(
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale

@@ -19,6 +19,7 @@ from .layers import (
     apply_rotary,
     paged_attention,
     rotate_half,
+    silu_and_mul,
 )
 from .model_config import ModelConfig, TextConfig, VisionConfig
 
@@ -194,6 +195,7 @@ class DecoderLayer(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.gate_up_proj = Linear(h, 2 * cfg.intermediate_size)  # fused gate|up
         self.down_proj = Linear(cfg.intermediate_size, h)
+        self.backend = "auto"  # attention + activation kernels: "auto" | "reference" | "triton"
 
     def forward(
         self,
@@ -209,12 +211,11 @@ class DecoderLayer(nn.Module):
         )
         q = apply_rotary(self.q_norm(q.view(n, self.num_heads, self.head_dim)), cos, sin)
         k = apply_rotary(self.k_norm(k.view(n, self.num_kv_heads, self.head_dim)), cos, sin)
-        attn = paged_attention(
-            q, k, v.reshape(n, self.num_kv_heads, self.head_dim), kv_cache, meta, self.scale
-        )
+        v = v.reshape(n, self.num_kv_heads, self.head_dim)
+        attn = paged_attention(q, k, v, kv_cache, meta, self.scale, self.backend)
         x = x + self.o_proj(attn.reshape(n, self.q_size))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(self.post_attention_layernorm(x))
+        return x + self.down_proj(silu_and_mul(gate_up, self.backend))
 
 
 @dataclass
@@ -255,9 +256,17 @@ class Qwen3VL(nn.Module):
                 lin.qweight = lin.qweight.to(device)
         return self
 
-    def set_linear_backend(self, backend: str) -> None:
-        for lin in self.linears():
-            lin.backend = backend
+    def set_backend(self, backend: str) -> None:
+        """Kernels for linears, attention, norms and activations of the decoder:
+        "auto" (Triton on CUDA, plain torch elsewhere), "reference" or "triton"."""
+        for mod in self.modules():
+            if isinstance(mod, (Linear, RMSNorm, DecoderLayer)):
+                mod.backend = backend
+        if self.device.type == "cpu" and backend != "triton":
+            # CPU path: dequantize each weight once (fp32 copy) instead of on every call
+            for lin in self.linears():
+                if lin.qweight is not None:
+                    lin.qweight.cache_dequantized = True
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,581 @@
+"""Attention in Triton: paged KV-cache write, paged varlen attention (prefill, prefill over a
+cached prefix, decode; causal, GQA), and dense varlen attention (vision tower, per image).
+
+Layouts are those of the torch twins in kernels/reference.py:
+query [T, H_q, D]; k_cache / v_cache [num_blocks, block_size, H_kv, D]; block_tables
+[B, max_blocks]; seq_lens [B] (context including the new tokens); query_start_loc [B+1].
+
+One program handles one sequence, one tile of BLOCK_Q of its query tokens and one KV head,
+together with all H_q / H_kv query heads that share that KV head: the tile's rows are
+(token, head) pairs, so each K/V tile is loaded once for the whole GQA group. That is what
+makes decode (1 token, 2 heads per KV head) bandwidth bound instead of load-count bound.
+Scores and softmax are fp32 (online softmax in base 2). When there are too few programs to
+fill the GPU (decode at small batch), the context is split across programs (flash-decoding)
+and a second kernel merges the partial results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.triton_utils import INTERPRET, check_triton_device, next_pow2, num_sms, to_out
+
+import triton  # isort: skip  (kernels.triton_utils sets the interpreter default first)
+import triton.language as tl  # isort: skip
+
+__all__ = ["AttentionPlan", "paged_attention", "plan_attention", "varlen_attention", "write_kv_cache"]
+
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- KV-cache write
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    block_size,
+    H,
+    D,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_kcb,
+    stride_kcs,
+    stride_kch,
+    stride_vcb,
+    stride_vcs,
+    stride_vch,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Token t: copy key/value[t] ([H, D]) into cache slot slot_mapping[t]; skip slot < 0."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // block_size
+        off = slot % block_size
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        mask = (h[:, None] < H) & (d[None, :] < D)
+        # Round-trip through fp32: exact for fp16/bf16, and the interpreter's only safe bf16 op.
+        k = tl.load(key_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+        v = tl.load(value_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+        kc = k_cache_ptr + blk * stride_kcb + off * stride_kcs + h[:, None] * stride_kch + d[None, :]
+        vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs + h[:, None] * stride_vch + d[None, :]
+        tl.store(kc, to_out(k.to(tl.float32), k_cache_ptr), mask=mask)
+        tl.store(vc, to_out(v.to(tl.float32), v_cache_ptr), mask=mask)
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter new tokens' K/V (``[T, H_kv, D]``, any strides with unit stride along D) into the
+    paged cache in place; slot = block * block_size + offset, negative slots are skipped.
+    Same contract as ``reference.write_kv_cache`` except that out-of-range slots are not checked
+    (that would need a device sync); the caller owns the slot mapping."""
+    if key.shape != value.shape or key.dim() != 3:
+        raise ValueError(
+            f"key/value must both be [T, H_kv, D], got {list(key.shape)} and {list(value.shape)}"
+        )
+    if k_cache.shape != v_cache.shape or k_cache.shape[2:] != key.shape[1:]:
+        raise ValueError(
+            f"cache shape {list(k_cache.shape)} / {list(v_cache.shape)} does not match key {list(key.shape)}"
+        )
+    if slot_mapping.shape != (key.shape[0],):
+        raise ValueError(f"slot_mapping must be [T={key.shape[0]}], got {list(slot_mapping.shape)}")
+    check_triton_device(key, value, k_cache, v_cache, slot_mapping)
+    t, h, d = key.shape
+    if t == 0:
+        return
+    if key.stride(2) != 1:
+        key = key.contiguous()
+    if value.stride(2) != 1:
+        value = value.contiguous()
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("k_cache / v_cache need unit stride along D")
+    _write_kv_kernel[(t,)](
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k_cache.shape[1],
+        h,
+        d,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        BLOCK_H=next_pow2(h),
+        BLOCK_D=next_pow2(d),
+        num_warps=1 if h * d <= 1024 else 4,
+    )
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+@triton.jit
+def _attn_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    tables_ptr,
+    seq_lens_ptr,
+    qsl_ptr,
+    ws_acc_ptr,
+    ws_m_ptr,
+    ws_l_ptr,
+    B,
+    T,
+    HQ,
+    HEAD_DIM,
+    TILES,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    block_size,
+    GROUP: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    # BLOCK_M = BLOCK_Q * GROUP_P rows: (token i, head j) pairs, j fastest.
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    r = tl.arange(0, BLOCK_M)
+    i = r // GROUP_P  # token within the tile
+    j = r % GROUP_P  # query head within the GQA group
+    head = kvh * GROUP + j
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    num_work = B * TILES
+
+    if pid >= num_work:
+        # Padding programs: rows past query_start_loc[B] are defined as zero (like the reference).
+        if split == 0:
+            total = tl.load(qsl_ptr + B)
+            t = ((pid - num_work) * BLOCK_Q + i).to(tl.int64)
+            rmask = (t >= total) & (t < T) & (j < GROUP)
+            ptrs = o_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+            zero = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            tl.store(ptrs, to_out(zero, o_ptr), mask=rmask[:, None] & d_mask[None, :])
+    else:
+        b = pid // TILES
+        qt = pid % TILES
+        q_start = tl.load(qsl_ptr + b)
+        q_len = tl.load(qsl_ptr + b + 1) - q_start
+        if PAGED:
+            seq_len = tl.load(seq_lens_ptr + b)
+        else:
+            seq_len = q_len  # dense: the keys are the queries' own rows
+        qi = qt * BLOCK_Q + i
+        row_valid = (qi < q_len) & (j < GROUP)
+        tok = (q_start + qi).to(tl.int64)
+        pos = seq_len - q_len + qi  # absolute position of each query row
+        q_mask = row_valid[:, None] & d_mask[None, :]
+        q = tl.load(
+            q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+            mask=q_mask,
+            other=0.0,
+        )
+        if DOT_FP32:
+            q = q.to(tl.float32)
+
+        # Keys this tile can see: all of them, or (causal) up to its last query's position.
+        if CAUSAL:
+            kv_end = seq_len - q_len + tl.minimum(q_len, (qt + 1) * BLOCK_Q)
+        else:
+            kv_end = seq_len
+        kv_end = tl.where(qt * BLOCK_Q < q_len, kv_end, 0)  # tile past this sequence: no work
+        n_iters = (kv_end + BLOCK_N - 1) // BLOCK_N
+        per_split = (n_iters + NUM_SPLITS - 1) // NUM_SPLITS
+        it_start = split * per_split
+        it_end = tl.minimum(it_start + per_split, n_iters)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for it in range(it_start, it_end):
+            offs_n = it * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_valid = offs_n < kv_end
+            if PAGED:
+                blk = tl.load(tables_ptr + b * stride_bt + offs_n // block_size, mask=n_valid, other=0)
+                slot = offs_n % block_size
+                k_rows = blk.to(tl.int64) * stride_kb + slot * stride_ks
+                v_rows = blk.to(tl.int64) * stride_vb + slot * stride_vs
+            else:
+                k_rows = (q_start + offs_n).to(tl.int64) * stride_ks
+                v_rows = (q_start + offs_n).to(tl.int64) * stride_vs
+            kt_mask = d_mask[:, None] & n_valid[None, :]
+            kt = tl.load(k_ptr + k_rows[None, :] + kvh * stride_kh + offs_d[:, None], mask=kt_mask, other=0.0)
+            if DOT_FP32:  # fp32 inputs, or bf16 in the interpreter (its bf16 dot is wrong)
+                s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
+            else:
+                s = tl.dot(q, kt)
+            s = s * qk_scale  # log2 domain
+            mask = n_valid[None, :]
+            if CAUSAL:
+                mask = mask & (offs_n[None, :] <= pos[:, None])
+            s = tl.where(mask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row: no NaN
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_mask = n_valid[:, None] & d_mask[None, :]
+            v = tl.load(v_ptr + v_rows[:, None] + kvh * stride_vh + offs_d[None, :], mask=v_mask, other=0.0)
+            if DOT_FP32:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        if NUM_SPLITS == 1:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            o_ptrs = o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+            tl.store(o_ptrs, to_out(out, o_ptr), mask=q_mask)
+        else:  # unnormalized partials; _combine_kernel merges the splits
+            row = (split * T + tok) * HQ + head
+            tl.store(ws_m_ptr + row, m_i, mask=row_valid)
+            tl.store(ws_l_ptr + row, l_i, mask=row_valid)
+            tl.store(ws_acc_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_valid[:, None])
+
+
+@triton.jit
+def _combine_kernel(
+    ws_acc_ptr,
+    ws_m_ptr,
+    ws_l_ptr,
+    o_ptr,
+    qsl_ptr,
+    B,
+    T,
+    HQ,
+    HEAD_DIM,
+    stride_ot,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Merge the NUM_SPLITS partial softmax results of row (token t, head h)."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    total = tl.load(qsl_ptr + B)
+    if t < total:  # padding rows were zeroed by the attention kernel
+        s = tl.arange(0, BLOCK_S)
+        s_mask = s < NUM_SPLITS
+        row = (s * T + t) * HQ + h
+        m = tl.load(ws_m_ptr + row, mask=s_mask, other=float("-inf"))
+        l_s = tl.load(ws_l_ptr + row, mask=s_mask, other=0.0)
+        m_max = tl.max(m, axis=0)
+        w = tl.exp2(m - m_max)  # empty splits (m = -inf) weigh 0
+        offs_d = tl.arange(0, BLOCK_D)
+        acc = tl.load(ws_acc_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)
+        tl.store(o_ptr + t * stride_ot + h * stride_oh + offs_d, to_out(out, o_ptr), mask=offs_d < HEAD_DIM)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Launch parameters; rows per program = block_q * next_pow2(H_q / H_kv)."""
+
+    block_q: int
+    block_n: int = 64
+    num_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def plan_attention(
+    batch: int,
+    h_q: int,
+    h_kv: int,
+    head_dim: int,
+    max_query_len: int,
+    max_seq_len: int | None,
+    device: torch.device,
+) -> AttentionPlan:
+    """Heuristic tiles: 16 rows for decode-like batches, 64 for prefill; split the context
+    (flash-decoding) when sequences x KV heads x tiles would leave most SMs idle."""
+    group_p = next_pow2(h_q // h_kv)
+    rows = 16 if max_query_len * group_p <= 16 else 64
+    rows = max(rows, group_p)
+    block_q = rows // group_p
+    tiles = -(-max_query_len // block_q)
+    work = batch * tiles * h_kv
+    splits = 1
+    sms = num_sms(device)
+    if max_seq_len is not None and work < sms:
+        chunks = -(-max_seq_len // 64)
+        splits = max(1, min(-(-2 * sms // work), chunks // 4, 16))
+    return AttentionPlan(block_q=block_q, block_n=64 if head_dim <= 128 else 32, num_splits=splits)
+
+
+def _launch(
+    query: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    qsl: torch.Tensor,
+    batch: int,
+    scale: float,
+    causal: bool,
+    paged: bool,
+    max_query_len: int,
+    plan: AttentionPlan,
+) -> None:
+    t, h_q, d = query.shape
+    h_kv = k.shape[-2]
+    group = h_q // h_kv
+    group_p = next_pow2(group)
+    block_d = max(16, next_pow2(d))
+    if plan.block_q * group_p < 16 or plan.block_n < 16:
+        raise ValueError(f"{plan}: tl.dot needs >= 16 rows (block_q * {group_p}) and block_n >= 16")
+    tiles = max(1, -(-max_query_len // plan.block_q))
+    splits = plan.num_splits
+    if splits > 1:
+        ws_acc = torch.empty((splits, t, h_q, block_d), dtype=torch.float32, device=query.device)
+        ws_m = torch.empty((splits, t, h_q), dtype=torch.float32, device=query.device)
+        ws_l = torch.empty((splits, t, h_q), dtype=torch.float32, device=query.device)
+    else:
+        ws_acc = ws_m = ws_l = out  # unused
+    if paged:
+        kb, ks, kh = k.stride(0), k.stride(1), k.stride(2)
+        vb, vs, vh = v.stride(0), v.stride(1), v.stride(2)
+        bt, block_size = tables.stride(0), k.shape[1]
+    else:
+        kb, ks, kh = 0, k.stride(0), k.stride(1)
+        vb, vs, vh = 0, v.stride(0), v.stride(1)
+        bt, block_size = 0, 1
+    pad_programs = -(-t // plan.block_q)
+    grid = (batch * tiles + pad_programs, h_kv, splits)
+    dot_fp32 = query.dtype == torch.float32 or (INTERPRET and query.dtype == torch.bfloat16)
+    _attn_kernel[grid](
+        query,
+        k,
+        v,
+        out,
+        tables,
+        seq_lens,
+        qsl,
+        ws_acc,
+        ws_m,
+        ws_l,
+        batch,
+        t,
+        h_q,
+        d,
+        tiles,
+        scale * _LOG2E,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kb,
+        ks,
+        kh,
+        vb,
+        vs,
+        vh,
+        bt,
+        block_size,
+        GROUP=group,
+        GROUP_P=group_p,
+        BLOCK_Q=plan.block_q,
+        BLOCK_M=plan.block_q * group_p,
+        BLOCK_N=plan.block_n,
+        BLOCK_D=block_d,
+        PAGED=paged,
+        CAUSAL=causal,
+        NUM_SPLITS=splits,
+        DOT_FP32=dot_fp32,
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
+    )
+    if splits > 1:
+        _combine_kernel[(t, h_q)](
+            ws_acc,
+            ws_m,
+            ws_l,
+            out,
+            qsl,
+            batch,
+            t,
+            h_q,
+            d,
+            out.stride(0),
+            out.stride(1),
+            NUM_SPLITS=splits,
+            BLOCK_S=next_pow2(splits),
+            BLOCK_D=block_d,
+            num_warps=1 if block_d <= 64 else 2,
+        )
+
+
+def _check_query(query: torch.Tensor, h_kv: int, d_kv: int) -> None:
+    if query.dim() != 3:
+        raise ValueError(f"query must be [T, H_q, D], got {list(query.shape)}")
+    _, h_q, d = query.shape
+    if d != d_kv or h_q % h_kv:
+        raise ValueError(f"query [.., {h_q}, {d}] incompatible with K/V [.., {h_kv}, {d_kv}]")
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"Triton attention supports fp16/bf16/fp32, got {query.dtype}")
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    causal: bool = True,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    plan: AttentionPlan | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton twin of ``reference.paged_attention`` (same arguments and result, see there).
+
+    ``max_query_len`` / ``max_seq_len``: pass them when known (AttentionMetadata has both) to
+    avoid a device sync; ``max_query_len`` sizes the grid, ``max_seq_len`` only the context
+    split. For CUDA-graph capture pass ``max_query_len`` and a fixed ``plan``. K/V dtype may
+    differ from the query's only for fp32 queries; the output has the query's dtype.
+    """
+    t, h_q, d = query.shape
+    _, _, h_kv, d_kv = k_cache.shape
+    _check_query(query, h_kv, d_kv)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ")
+    batch = seq_lens.shape[0]
+    if query_start_loc.shape != (batch + 1,):
+        raise ValueError(f"query_start_loc needs B+1={batch + 1} entries, got {list(query_start_loc.shape)}")
+    check_triton_device(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    if query.stride(2) != 1:
+        query = query.contiguous()
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("k_cache / v_cache need unit stride along D")
+    if out is None:
+        out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    if t == 0 or batch == 0:
+        return out.zero_()
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())  # device sync
+    if max_seq_len is None and plan is None and not _capturing():
+        max_seq_len = int(seq_lens.max())  # device sync
+    if plan is None:
+        plan = plan_attention(batch, h_q, h_kv, d, max_query_len, max_seq_len, query.device)
+    _launch(
+        query,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        batch,
+        scale,
+        causal,
+        True,
+        max(1, max_query_len),
+        plan,
+    )
+    return out
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float | None = None,
+    causal: bool = False,
+    *,
+    max_seqlen: int | None = None,
+    plan: AttentionPlan | None = None,
+) -> torch.Tensor:
+    """Attention within each of B packed segments (the vision tower: full attention inside each
+    image). q ``[T, H_q, D]``, k/v ``[T, H_kv, D]``, cu_seqlens int ``[B+1]``; twin of
+    ``reference.varlen_attention``."""
+    t, h_q, d = q.shape
+    if k.shape != v.shape or k.dim() != 3 or k.shape[0] != t:
+        raise ValueError(f"k/v must both be [T={t}, H_kv, D], got {list(k.shape)} and {list(v.shape)}")
+    _check_query(q, k.shape[1], k.shape[2])
+    check_triton_device(q, k, v, cu_seqlens)
+    q, k, v = (x if x.stride(2) == 1 else x.contiguous() for x in (q, k, v))
+    batch = cu_seqlens.shape[0] - 1
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if t == 0 or batch <= 0:
+        return out.zero_()
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # device sync
+    scale = d**-0.5 if scale is None else scale
+    if plan is None:
+        plan = plan_attention(batch, h_q, k.shape[1], d, max_seqlen, None, q.device)
+    _launch(
+        q,
+        k,
+        v,
+        out,
+        cu_seqlens,
+        cu_seqlens,
+        cu_seqlens,
+        batch,
+        scale,
+        causal,
+        False,
+        max(1, max_seqlen),
+        plan,
+    )
+    return out
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def attention_bytes(batch: int, ctx: int, h_kv: int, d: int, elem: int = 2) -> int:
+    """K and V bytes one decode step over ``ctx`` tokens reads (for bandwidth reports)."""
+    return 2 * batch * ctx * h_kv * d * elem

@@ -1,0 +1,204 @@
+"""Triton KV-cache write, paged attention and varlen (vision) attention vs kernels.reference.
+
+CPU: Triton interpreter (see tests/test_triton_qmatmul.py for how TRITON_INTERPRET is set);
+GPU: the same tests on CUDA tensors. Outputs and untouched cache slots are NaN-poisoned, so a
+missed write or a write to the wrong slot fails.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+from kernels import attention, reference
+from kernels import triton_utils as tu
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and not tu.INTERPRET,
+    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 before `import kernels`",
+)
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+BLOCK = 16
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def make_batch(specs, h_q, h_kv, d, dtype, seed, pad_rows=0, num_blocks=None):
+    """specs: (context_len, q_len) per sequence. K/V of every context token written through the
+    reference writer into a NaN-poisoned cache of shuffled blocks; tables padded with -1."""
+    gen = torch.Generator().manual_seed(seed)
+    need = sum(math.ceil(c / BLOCK) for c, _ in specs)
+    num_blocks = num_blocks or need + 3
+    k_cache = torch.full((num_blocks, BLOCK, h_kv, d), float("nan"), dtype=dtype)
+    v_cache = torch.full((num_blocks, BLOCK, h_kv, d), float("nan"), dtype=dtype)
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    max_blocks = max(math.ceil(c / BLOCK) for c, _ in specs) + 1
+    tables = torch.full((len(specs), max_blocks), -1, dtype=torch.int32)
+    keys, values, queries, slots = [], [], [], []
+    for b, (ctx, q_len) in enumerate(specs):
+        blocks = [free.pop() for _ in range(math.ceil(ctx / BLOCK))]
+        tables[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        keys.append(torch.randn(ctx, h_kv, d, generator=gen).to(dtype))
+        values.append(torch.randn(ctx, h_kv, d, generator=gen).to(dtype))
+        queries.append(torch.randn(q_len, h_q, d, generator=gen).to(dtype))
+        pos = torch.arange(ctx)
+        slots.append(torch.tensor(blocks, dtype=torch.int64)[pos // BLOCK] * BLOCK + pos % BLOCK)
+    reference.write_kv_cache(torch.cat(keys), torch.cat(values), k_cache, v_cache, torch.cat(slots))
+    query = torch.cat([*queries, torch.randn(pad_rows, h_q, d, generator=gen).to(dtype)])
+    qsl = torch.tensor([0, *torch.tensor([q for _, q in specs]).cumsum(0).tolist()], dtype=torch.int32)
+    seq_lens = torch.tensor([c for c, _ in specs], dtype=torch.int32)
+    return [t.to(DEVICE) for t in (query, k_cache, v_cache, tables, seq_lens, qsl)]
+
+
+SPECS = [
+    (37, 37),  # prefill, no prefix, partial last block
+    (16, 16),  # exactly one block
+    (70, 1),  # decode
+    (50, 13),  # prefill over a cached prefix of 37
+    (1, 1),  # first token
+    (129, 1),  # decode, many blocks
+    (96, 40),  # chunked prefill ending on a block boundary
+]
+
+
+def run_and_check(args, scale, causal, plan=None, max_query_len=None) -> None:
+    query = args[0]
+    out = torch.full_like(query, float("nan"))
+    y = attention.paged_attention(*args, scale, causal, max_query_len=max_query_len, plan=plan, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert torch.isfinite(y).all(), f"{int((~torch.isfinite(y)).sum())} elements unwritten"
+    ref = reference.paged_attention(*[a.cpu() for a in args], scale, causal)
+    err = rel_err(y.cpu(), ref)
+    assert err < TOL[query.dtype], f"rel err {err:.2e} (plan {plan})"
+    if query.dtype == torch.bfloat16 and tu.INTERPRET:
+        # fp32 inside, rounded once at the store (as the reference): nearly all bits agree. A
+        # computation in the interpreter's broken bf16 arithmetic would not.
+        total_rows = int(args[5][-1])
+        same = (y[:total_rows].cpu() == ref[:total_rows]).float().mean().item()
+        assert same > 0.9, f"only {same:.0%} of results bit-equal to the reference"
+    total = int(args[5][-1])
+    assert (y[total:] == 0).all()  # padding rows are zero, like the reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("h_q", "h_kv", "d"), [(4, 2, 32), (6, 2, 24), (4, 4, 64)])
+def test_paged_attention_matches_reference(dtype: torch.dtype, h_q: int, h_kv: int, d: int) -> None:
+    # GQA 2:1, a non-power-of-two group (3) with a non-power-of-two head_dim, and MHA.
+    args = make_batch(SPECS, h_q, h_kv, d, dtype, seed=h_q * 100 + d, pad_rows=3)
+    run_and_check(args, d**-0.5, True)
+    if dtype == torch.float32:  # tile variants: several query tiles per sequence, tiny K/V tiles
+        block_q = max(8, 16 // tu.next_pow2(h_q // h_kv))  # >= 16 rows per tile (tl.dot)
+        run_and_check(args, 0.3, True, attention.AttentionPlan(block_q=block_q, block_n=16), max_query_len=40)
+        run_and_check(args, 0.3, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_split_context(dtype: torch.dtype) -> None:
+    # Flash-decoding path: the context split over programs, then merged; a split can be empty.
+    specs = [(70, 1), (1, 1), (129, 1), (33, 1)]
+    args = make_batch(specs, 4, 2, 32, dtype, seed=5, pad_rows=2)
+    for splits in (2, 3):
+        run_and_check(args, 0.2, True, attention.AttentionPlan(block_q=8, block_n=16, num_splits=splits))
+    # the heuristic picks a split on its own for a tiny batch with long contexts
+    plan = attention.plan_attention(1, 4, 2, 128, 1, 4096, torch.device(DEVICE))
+    assert plan.num_splits > 1 and plan.block_q * 2 >= 16
+
+
+def test_split_context_with_prefill_chunk() -> None:
+    # Splits with several query rows: some rows see none of a late split's keys (causal).
+    args = make_batch([(50, 13), (40, 40)], 4, 2, 32, torch.float32, seed=8)
+    run_and_check(args, 0.2, True, attention.AttentionPlan(block_q=8, block_n=16, num_splits=3))
+
+
+def test_all_rows_padding_and_empty_sequences() -> None:
+    args = make_batch([(20, 3), (5, 1)], 4, 2, 32, torch.float16, seed=2, pad_rows=4)
+    # a sequence with no new tokens this step (q_len 0) between the others
+    query, k_cache, v_cache, tables, seq_lens, qsl = args
+    qsl = torch.tensor([0, 3, 3, 4], dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.tensor([20, 9, 5], dtype=torch.int32, device=DEVICE)
+    tables = torch.cat([tables[:1], tables[:1], tables[1:]])
+    run_and_check([query, k_cache, v_cache, tables, seq_lens, qsl], 0.2, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_write_kv_cache(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    t, h, d, blocks = 11, 2, 24, 4
+    # key/value as strided views of a fused qkv row, like the model's split
+    qkv = torch.randn(t, 3 * h * d, generator=gen).to(dtype)
+    key = qkv[:, h * d : 2 * h * d].view(t, h, d)
+    value = qkv[:, 2 * h * d :].view(t, h, d)
+    slots = torch.randperm(blocks * BLOCK, generator=gen)[:t]
+    slots[[2, 7]] = -1  # padding tokens: skipped
+    caches = [torch.full((blocks, BLOCK, h, d), float("nan"), dtype=dtype) for _ in range(4)]
+    reference.write_kv_cache(key, value, caches[0], caches[1], slots)
+    kc, vc = caches[2].to(DEVICE), caches[3].to(DEVICE)
+    attention.write_kv_cache(key.to(DEVICE), value.to(DEVICE), kc, vc, slots.to(DEVICE))
+    # bit-identical, including which slots stayed NaN
+    assert torch.equal(kc.cpu().nan_to_num(7.0), caches[0].nan_to_num(7.0))
+    assert torch.equal(vc.cpu().nan_to_num(7.0), caches[1].nan_to_num(7.0))
+    assert int(torch.isnan(kc).any(-1).any(-1).sum()) == blocks * BLOCK - (t - 2)
+
+
+def test_write_kv_cache_casts_to_cache_dtype() -> None:
+    key = torch.randn(5, 2, 16, device=DEVICE)
+    cache = torch.zeros(2, BLOCK, 2, 16, dtype=torch.bfloat16, device=DEVICE)
+    cache_v = torch.zeros_like(cache)
+    slots = torch.arange(5, device=DEVICE) + 3
+    attention.write_kv_cache(key, key, cache, cache_v, slots)
+    # round to nearest even, as torch does (the interpreter alone would truncate)
+    assert torch.equal(cache[0, 3:8], key.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        attention.write_kv_cache(key, key, cache, cache_v, slots[:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_varlen_attention(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(4)
+    lens = [20, 0, 7, 33]  # images of different sizes, one empty segment
+    t, h, d = sum(lens), 4, 16
+    q, k, v = (torch.randn(t, h, d, generator=gen).to(dtype).to(DEVICE) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    y = attention.varlen_attention(q, k, v, cu)
+    ref = reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu())
+    assert torch.isfinite(y).all()
+    assert rel_err(y.cpu(), ref) < TOL[dtype]
+    yc = attention.varlen_attention(q, k, v, cu, 0.5, causal=True)
+    assert (
+        rel_err(yc.cpu(), reference.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), 0.5, True))
+        < TOL[dtype]
+    )
+
+
+def test_reference_varlen_attention_is_sdpa_per_segment() -> None:
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(14, 4, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(14, 2, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(14, 2, 8, generator=gen, dtype=torch.float64)
+    cu = torch.tensor([0, 5, 14])
+    out = reference.varlen_attention(q, k, v, cu)
+    for s, e in ((0, 5), (5, 14)):
+        kk = k[s:e].repeat_interleave(2, dim=1).transpose(0, 1)
+        vv = v[s:e].repeat_interleave(2, dim=1).transpose(0, 1)
+        want = torch.nn.functional.scaled_dot_product_attention(q[s:e].transpose(0, 1), kk, vv)
+        torch.testing.assert_close(out[s:e], want.transpose(0, 1), rtol=1e-5, atol=1e-6)  # fp32 inside
+
+
+def test_argument_checks() -> None:
+    args = make_batch([(20, 3)], 4, 2, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="16 rows"):
+        attention.paged_attention(*args, 0.1, plan=attention.AttentionPlan(block_q=4))
+    with pytest.raises(ValueError, match="incompatible"):
+        attention.paged_attention(args[0][:, :3], *args[1:], 0.1)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        attention.paged_attention(*args[:5], args[5][:1], 0.1)
