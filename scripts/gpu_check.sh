@@ -6,7 +6,8 @@
 #   TEST_TIMEOUT / BENCH_TIMEOUT (seconds, default 240 each) bound the two stages.
 #
 # Writes $OUT/gpu_tests.txt + gpu_tests.xml (pytest), $OUT/kernels.json + kernels.md (bench),
-# $OUT/env.txt. Runs the bench even when tests fail; exits non-zero if either failed.
+# $OUT/env.txt, $OUT/engine.json + engine.md (engine bench, random 2B weights). Runs every
+# step even when an earlier one fails; exits non-zero if any failed.
 set -euo pipefail
 
 : "${OUT:?set OUT to the results folder}"
@@ -41,4 +42,11 @@ timeout "${BENCH_TIMEOUT:-240}" "$PY" -m kernels.bench "${bench_args[@]}" 2>&1 \
   | tee "$OUT/kernels.md" || bench_rc=$?
 echo "bench: rc=$bench_rc; total $(( $(date +%s) - start ))s"
 
-if (( test_rc != 0 || bench_rc != 0 )); then exit 1; fi
+# Engine end to end: random W8G128 weights at the real 2B shapes, built in memory.
+engine_rc=0
+timeout "${ENGINE_TIMEOUT:-120}" "$PY" -m server.engine.bench --random-2b --batches 1,64,256 \
+  --prompt-len 512 --decode-tokens 64 --json "$OUT/engine.json" 2>&1 \
+  | tee "$OUT/engine.md" || engine_rc=$?
+echo "engine bench: rc=$engine_rc; total $(( $(date +%s) - start ))s"
+
+if (( test_rc != 0 || bench_rc != 0 || engine_rc != 0 )); then exit 1; fi

@@ -247,3 +247,45 @@ def test_requests_that_can_never_fit_are_rejected(demo_dir):
     ):  # pads without an image must not crash the engine
         core.add_request(EngineRequest("pads", [5, pad, pad, 6], SamplingParams(max_tokens=4)))
     assert not core.scheduler.has_work()
+
+
+def test_synthetic_model_runs_through_the_engine():
+    """The benchmark's in-memory random model (here at demo-like shapes) serves requests."""
+    import copy
+
+    from server.engine.core import EngineArgs, EngineCore
+    from server.model.synthetic import REAL_2B_CONFIG, random_model
+
+    cfg = copy.deepcopy(REAL_2B_CONFIG)
+    cfg["text_config"].update(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
+    cfg["text_config"]["rope_scaling"]["mrope_section"] = [12, 10, 10]
+    cfg["vision_config"].update(
+        depth=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        out_hidden_size=256,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[0],
+    )
+    cfg.update(image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503)
+    model = random_model(cfg, bits=4, device="cpu", dtype=torch.float32)
+    assert model.layers[0].qkv_proj.qweight.bits == 4
+    core = EngineCore(EngineArgs(device="cpu", max_model_len=256, num_kv_blocks=32), model=model)
+    core.add_request(
+        EngineRequest("s", list(range(10, 60)), SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    )
+    tokens = []
+    for _ in range(20):
+        tokens += [t for o in core.step() for t in o.new_token_ids]
+        if not core.has_unfinished():
+            break
+    assert len(tokens) == 5 and all(0 <= t < 512 for t in tokens)
