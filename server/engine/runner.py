@@ -179,46 +179,65 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run one step; returns fp32 logits [num chunks wanting logits, vocab] (last token each)."""
         hidden = self.forward(chunks)
-        ends = torch.tensor([c.end - c.start for c in chunks]).cumsum(0) - 1
-        last = ends[torch.tensor([c.want_logits for c in chunks])].to(hidden.device)
-        return self.model.compute_logits(hidden[last])
+        last, end = [], 0
+        for c in chunks:
+            end += c.end - c.start
+            if c.want_logits:
+                last.append(end - 1)
+        return self.model.compute_logits(hidden[torch.tensor(last, dtype=torch.long, device=hidden.device)])
 
     @torch.inference_mode()
     def forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Run one step; returns the final hidden state of every scheduled token [T, hidden]."""
+        """Run one step; returns the final hidden state of every scheduled token [T, hidden].
+
+        Per-step Python is kept to list appends and one tensor per field: at 2B a decode step
+        on a GPU takes about as long as a few hundred small torch calls would."""
         bs = self.block_size
-        ids, pos, slots, q_loc, seq_lens, masks, embeds, deeps = [], [], [], [0], [], [], [], []
+        ids: list[int] = []
+        slots: list[int] = []
+        q_loc, seq_lens = [0], []
+        pos_parts: list[torch.Tensor] = []
+        text_pos: list[int] = []  # run of positions equal on all three M-RoPE axes
+        mm_parts: list[tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
         for c in chunks:
-            ids.extend(c.seq.token_ids[c.start : c.end])
-            pos.append(c.seq.positions(c.start, c.end))
-            table = torch.tensor(c.block_table, dtype=torch.long)
-            p = torch.arange(c.start, c.end)
-            slots.append(table[p // bs] * bs + p % bs)
-            q_loc.append(q_loc[-1] + c.end - c.start)
-            seq_lens.append(c.end)
-            mm = self._mm_rows(c)
-            if mm is None:
-                masks.append(torch.zeros(c.end - c.start, dtype=torch.bool))
+            seq, start, end = c.seq, c.start, c.end
+            ids += seq.token_ids[start:end]
+            table = c.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            if start >= seq.num_prompt_tokens:  # generated tokens: t = h = w = index + delta
+                text_pos += range(start + seq.rope_delta, end + seq.rope_delta)
             else:
-                masks.append(mm[0])
-                embeds.append(mm[1])
-                deeps.append(mm[2])
+                if text_pos:
+                    pos_parts.append(torch.tensor(text_pos).expand(3, -1))
+                    text_pos = []
+                pos_parts.append(seq.positions(start, end))
+                mm = self._mm_rows(c)
+                if mm is not None:
+                    mm_parts.append((q_loc[-1], mm))
+            q_loc.append(q_loc[-1] + end - start)
+            seq_lens.append(end)
+        if text_pos:
+            pos_parts.append(torch.tensor(text_pos).expand(3, -1))
         dev = self.model.device
         width = max(len(c.block_table) for c in chunks)
-        tables = torch.zeros(len(chunks), width, dtype=torch.long)
-        for i, c in enumerate(chunks):
-            tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.long)
+        tables = [c.block_table + [0] * (width - len(c.block_table)) for c in chunks]
         meta = AttentionMetadata(
-            slot_mapping=torch.cat(slots).to(dev),
-            block_tables=tables.to(dev),
+            slot_mapping=torch.tensor(slots, device=dev),
+            block_tables=torch.tensor(tables, device=dev),
             seq_lens=torch.tensor(seq_lens, device=dev),
             query_start_loc=torch.tensor(q_loc, device=dev),
             max_query_len=max(c.end - c.start for c in chunks),
             max_seq_len=max(seq_lens),
         )
         mm_embeds = None
-        if embeds:
-            mm_embeds = MultimodalEmbeds(torch.cat(masks).to(dev), torch.cat(embeds), torch.cat(deeps, dim=1))
-        return self.model(
-            torch.tensor(ids, device=dev), torch.cat(pos, dim=1).to(dev), self.kv_caches, meta, mm_embeds
-        )
+        if mm_parts:
+            mask = torch.zeros(len(ids), dtype=torch.bool)
+            for offset, (m, _, _) in mm_parts:
+                mask[offset : offset + m.numel()] = m
+            mm_embeds = MultimodalEmbeds(
+                mask.to(dev),
+                torch.cat([e for _, (_, e, _) in mm_parts]),
+                torch.cat([d for _, (_, _, d) in mm_parts], dim=1),
+            )
+        positions = pos_parts[0] if len(pos_parts) == 1 else torch.cat(pos_parts, dim=1)
+        return self.model(torch.tensor(ids, device=dev), positions.to(dev), self.kv_caches, meta, mm_embeds)
