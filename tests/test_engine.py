@@ -94,7 +94,7 @@ def test_preemption_keeps_outputs_identical(demo_dir):
     roomy = LLM(str(demo_dir("w8")), device="cpu", max_model_len=512)
     expected = [o.outputs[0].token_ids for o in roomy.chat(convs, params)]
     tight = LLM(
-        str(demo_dir("w8")), device="cpu", max_model_len=512, num_kv_blocks=24, max_num_batched_tokens=64
+        str(demo_dir("w8")), device="cpu", max_model_len=384, num_kv_blocks=24, max_num_batched_tokens=64
     )
     got = [o.outputs[0].token_ids for o in tight.chat(convs, params)]
     assert tight.engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
@@ -233,14 +233,29 @@ def test_abort_frees_blocks_within_one_step(demo_dir):
 
 
 def test_requests_that_can_never_fit_are_rejected(demo_dir):
-    llm = LLM(str(demo_dir("w8")), device="cpu", max_model_len=128, num_kv_blocks=4)
+    """A context longer than the KV pool is refused at start (explicit) or capped (default),
+    so no admitted request can outgrow the pool and stall the queue behind it."""
+    with pytest.raises(ValueError, match="exceeds the KV cache"):
+        LLM(str(demo_dir("w8")), device="cpu", max_model_len=128, num_kv_blocks=4)
+    llm = LLM(str(demo_dir("w8")), device="cpu", num_kv_blocks=8)  # 128 tokens: the context is capped
     core = llm.engine
+    assert core.max_model_len == 128 and core.stats().max_model_len == 128
     with pytest.raises(RequestRejected, match="maximum context length"):
         core.add_request(EngineRequest("long", list(range(5, 200)), SamplingParams(max_tokens=4)))
-    with pytest.raises(RequestRejected, match="KV cache"):
-        core.add_request(EngineRequest("big", list(range(5, 100)), SamplingParams(max_tokens=4)))
     with pytest.raises(RequestRejected, match="exceeds"):
         core.add_request(EngineRequest("max", list(range(5, 50)), SamplingParams(max_tokens=100)))
+    # no max_tokens: the rest of the (capped) context, which the pool can always hold
+    core.add_request(
+        EngineRequest(
+            "rest", list(range(5, 50)), SamplingParams(temperature=0, ignore_eos=True, max_tokens=None)
+        )
+    )
+    out = []
+    for _ in range(200):
+        out += [t for o in core.step() for t in o.new_token_ids]
+        if not core.has_unfinished():
+            break
+    assert len(out) == 128 - 45 and not core.has_unfinished()
     pad = llm.config.image_token_id
     with pytest.raises(
         RequestRejected, match="image tokens"
@@ -289,3 +304,51 @@ def test_synthetic_model_runs_through_the_engine():
         if not core.has_unfinished():
             break
     assert len(tokens) == 5 and all(0 <= t < 512 for t in tokens)
+
+
+def test_preemption_victim_is_the_newest_sequence(demo_dir):
+    """Under KV pressure the newest request gives way (here: the requester itself), so the
+    oldest request is never evicted by a newer one and finishes first."""
+    llm = LLM(str(demo_dir("w8")), device="cpu", num_kv_blocks=5, block_size=4, enable_prefix_caching=False)
+    core = llm.engine
+    preempted: list[str] = []
+    real = core.scheduler._preempt
+
+    def spy(seq):
+        preempted.append(seq.request_id)
+        real(seq)
+
+    core.scheduler._preempt = spy
+    sp = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0)
+    core.add_request(EngineRequest("old", [10, 11, 12, 13, 14, 15], sp))
+    core.add_request(EngineRequest("new", [20, 21, 22], sp))
+    finished: list[str] = []
+    for _ in range(300):
+        finished += [o.request_id for o in core.step() if o.finish_reason]
+        if not core.has_unfinished():
+            break
+    assert preempted and "old" not in preempted
+    assert finished == ["old", "new"]
+    _assert_all_blocks_released(llm)
+
+
+def test_encoder_cache_eviction_during_a_request_is_safe(demo_dir):
+    """A one-byte encoder cache evicts on every store: a request with a cached image plus a
+    new one must still be served (a lost cache hit once crashed the engine)."""
+    path = str(demo_dir("w8"))
+    a, b = _image(64, 96, 21), _image(80, 40, 22)
+    first = [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "text", "text": "one"}]}]
+    both = [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "image", "image": b}]}]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    tiny = LLM(path, device="cpu", max_model_len=512, encoder_cache_bytes=1)
+    tiny.chat(first, params)
+    got = tiny.chat(both, params)[0].outputs[0].token_ids
+    roomy = LLM(path, device="cpu", max_model_len=512)
+    assert got == roomy.chat(both, params)[0].outputs[0].token_ids
+
+
+def test_tiny_temperature_is_greedy(w8_llm):
+    """temperature 1e-40 would overflow logits / t (NaN probabilities): it is treated as greedy."""
+    msg = [{"role": "user", "content": "a small blue bird"}]
+    greedy = w8_llm.chat(msg, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].token_ids
+    assert w8_llm.chat(msg, SamplingParams(temperature=1e-40, max_tokens=8))[0].outputs[0].token_ids == greedy

@@ -156,3 +156,23 @@ def test_sampling_params_normalizes():
     p = SamplingParams(stop="x", top_k=-1)
     assert p.stop == ["x"] and p.top_k == 0 and not p.greedy
     assert SamplingParams(temperature=0).greedy
+
+
+def test_min_tokens_holds_stop_strings_back(processor):
+    """Like vLLM, a stop string only counts once min_tokens tokens exist."""
+    ids = processor.encode("the cat sat on the mat and the cat ran")
+    detok = IncrementalDetokenizer(processor, stop=["cat"], min_tokens=4)
+    for t in ids:
+        detok.add_tokens([t])
+        if detok.stopped_by:
+            break
+    assert detok.stopped_by == "cat"
+    assert detok.text.startswith("the cat sat") and detok.text.endswith("and the ")
+
+
+def test_invalid_unicode_is_a_prompt_error(processor):
+    """A lone UTF-16 surrogate (valid JSON, invalid text) is a client error, not a crash."""
+    with pytest.raises(PromptError, match="cannot be tokenized"):
+        processor.encode("a\ud800")
+    with pytest.raises(PromptError):
+        processor.process_chat([{"role": "user", "content": "x\udfff"}])

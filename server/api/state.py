@@ -73,7 +73,12 @@ class ServerState:
             max_encoded_bytes=c.max_image_bytes,
             max_decoded_pixels=c.max_image_pixels,
         )
-        self.max_model_len = c.max_model_len or engine.model_config.text.max_position_embeddings
+        # the engine's value: it caps the context at what its KV cache holds
+        self.max_model_len = (
+            engine.stats().max_model_len
+            or c.max_model_len
+            or engine.model_config.text.max_position_embeddings
+        )
         self.metrics = Metrics(c.model_name, self.max_model_len)
         engine.on_stats = self.metrics.on_engine_stats
         self.http = new_http_client(self.media)

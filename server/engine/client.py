@@ -130,6 +130,9 @@ def engine_main(args: EngineArgs, inbox: Any, outbox: Any) -> None:
         stats = core.stats()
         if not stepped:
             stats.step_tokens = 0  # no step ran this round (only commands were applied)
+        if stepped and not stats.step_tokens and not outputs and not errors and not commands:
+            time.sleep(0.001)  # nothing could be scheduled (should not happen): never spin hot
+            continue
         outbox.put(("step", outputs, errors, stats))
 
 

@@ -74,6 +74,7 @@ class EngineStats:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
     num_kv_blocks: int = 0
+    max_model_len: int = 0
     num_preemptions: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
@@ -100,6 +101,15 @@ class EngineCore:
         self.merge_size = cfg.vision.spatial_merge_size
         self.max_model_len = args.max_model_len or cfg.text.max_position_embeddings
         num_blocks = args.num_kv_blocks or self._default_num_blocks()
+        capacity = num_blocks * args.block_size
+        if self.max_model_len > capacity:
+            if args.max_model_len:
+                raise ValueError(
+                    f"max_model_len {args.max_model_len} exceeds the KV cache ({num_blocks} blocks of "
+                    f"{args.block_size} = {capacity} tokens): lower it or give the cache more memory"
+                )
+            log.warning("max_model_len capped at %d tokens: the KV cache holds no more", capacity)
+            self.max_model_len = capacity
         self.runner = ModelRunner(model, num_blocks, args.block_size, args.encoder_cache_bytes)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -154,8 +164,10 @@ class EngineCore:
                 f"the prompt has {n_image_tokens} image tokens but its images need "
                 f"{sum(im.num_tokens for im in req.images)}"
             )
-        if not self.scheduler.can_ever_fit(n_prompt + 1):
-            raise RequestRejected(f"the prompt ({n_prompt} tokens) can never fit in the KV cache")
+        if not self.scheduler.can_ever_fit(n_prompt + max_tokens):
+            raise RequestRejected(
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) can never fit in the KV cache"
+            )
         positions, delta = mrope_positions(
             req.prompt_token_ids, [im.grid_thw for im in req.images], self.image_token_id, self.merge_size
         )
@@ -250,6 +262,7 @@ class EngineCore:
             num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=bm.usage(),
             num_kv_blocks=bm.num_blocks,
+            max_model_len=self.max_model_len,
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.stats.queries,
             prefix_cache_hits=bm.stats.hits,

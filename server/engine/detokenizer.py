@@ -22,11 +22,13 @@ class IncrementalDetokenizer:
         stop: list[str] | None = None,
         skip_special_tokens: bool = True,
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         self.decoder = decoder
         self.stop = [s for s in (stop or []) if s]
         self.skip_special_tokens = skip_special_tokens
         self.include_stop = include_stop_str_in_output
+        self.min_tokens = min_tokens  # stop strings only count once this many tokens exist (vLLM)
         self.token_ids: list[int] = []
         self.text = ""  # all complete text so far (cut at a stop string once matched)
         self._prefix_offset = 0
@@ -51,7 +53,8 @@ class IncrementalDetokenizer:
             self.text += full[len(prefix) :]
             self._prefix_offset = self._read_offset
             self._read_offset = len(self.token_ids)
-        self._check_stop(old_len)
+        if len(self.token_ids) >= self.min_tokens:
+            self._check_stop(old_len)
 
     def _check_stop(self, old_len: int) -> None:
         if not self.stop:

@@ -44,7 +44,11 @@ class SequenceTracker:
     def __init__(self, decoder: Decoder, params: SamplingParams, index: int) -> None:
         self.index = index
         self.detok = IncrementalDetokenizer(
-            decoder, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
+            decoder,
+            params.stop,
+            params.skip_special_tokens,
+            params.include_stop_str_in_output,
+            params.min_tokens,
         )
         self.token_ids: list[int] = []
         self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None

@@ -135,26 +135,24 @@ class ModelRunner:
         self.vision_runs = 0  # images actually encoded (cache misses), for tests and stats
 
     def image_features(self, images: list[ProcessedImage]) -> list[ImageFeatures]:
-        """Features for each image, running the vision tower only for cache misses."""
-        todo = [im for im in images if self.encoder_cache.get(im.content_hash) is None]
-        unique = list({im.content_hash: im for im in todo}.values())
+        """Features for each image, running the vision tower only for cache misses. Hits are
+        taken before anything is stored: storing new features may evict them."""
+        found: dict[str, ImageFeatures] = {}
+        for im in images:
+            f = self.encoder_cache.get(im.content_hash)
+            if f is not None:
+                found[im.content_hash] = f
+        self.encoder_cache.hits += sum(1 for im in images if im.content_hash in found)
+        unique = list({im.content_hash: im for im in images if im.content_hash not in found}.values())
         if unique:
             pixels = torch.cat([im.pixel_values for im in unique])
             feats = self.model.encode_images(pixels, [im.grid_thw for im in unique])
             for im, f in zip(unique, feats):
+                found[im.content_hash] = f
                 self.encoder_cache.put(im.content_hash, f)
             self.vision_runs += len(unique)
             self.encoder_cache.misses += len(unique)
-            fresh = {im.content_hash: f for im, f in zip(unique, feats)}
-        else:
-            fresh = {}
-        self.encoder_cache.hits += len(images) - len(todo)
-        out = []
-        for im in images:
-            f = fresh.get(im.content_hash) or self.encoder_cache.get(im.content_hash)
-            assert f is not None
-            out.append(f)
-        return out
+        return [found[im.content_hash] for im in images]
 
     def _mm_rows(self, chunk: ScheduledChunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Image-token mask of the chunk and the feature rows (main + deepstack) inside it."""

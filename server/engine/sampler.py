@@ -15,6 +15,7 @@ from .runner import SequenceData
 from .sampling_params import SamplingParams
 
 _MASK64 = (1 << 63) - 1
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -98,7 +99,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingInput]) -> SampleResult:
 
     dev = logits.device
     temps = torch.tensor([r.params.temperature for r in rows], device=dev)
-    greedy = temps == 0
+    greedy = temps < GREEDY_BELOW  # tiny temperatures overflow logits / t: treat them as greedy
     chosen = logits.argmax(-1)
     if not bool(greedy.all()):
         top_k = torch.tensor([r.params.top_k for r in rows], device=dev)

@@ -110,8 +110,8 @@ class Scheduler:
             while self.bm.blocks_needed(seq.num_tokens) > len(seq.block_table):
                 if self.bm.append_block(seq.block_table):
                     continue
-                victim = self._newest_running(exclude=seq)
-                if victim is None:  # only this sequence left: preempt it too
+                victim = self._newest_after(seq)
+                if victim is None:  # `seq` is the newest: it gives way itself
                     self._preempt(seq)
                     preempted += 1
                     break
@@ -176,11 +176,10 @@ class Scheduler:
         seqs.append(seq)
         return budget - (end - seq.num_computed)
 
-    def _newest_running(self, exclude: Sequence) -> Sequence | None:
-        for seq in reversed(self.running):
-            if seq is not exclude:
-                return seq
-        return None
+    def _newest_after(self, seq: Sequence) -> Sequence | None:
+        """The newest running sequence admitted after `seq` (the preemption victim), if any."""
+        newest = self.running[-1]
+        return None if newest is seq else newest
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: free the blocks, keep generated tokens, requeue at the front."""

@@ -71,7 +71,10 @@ class Processor:
     # -- text ------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        except TypeError as e:  # e.g. a lone UTF-16 surrogate: not valid Unicode text
+            raise PromptError(f"the text cannot be tokenized (invalid Unicode?): {e}") from e
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
