@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import ServerConfig
+from server.model.processor import PromptError
 
 from . import chat
 from .chat import check_model, get_state
@@ -248,7 +249,10 @@ def _router() -> Any:
                 raise bad_request("messages must not be empty", "messages")
             ids = (await chat_inputs(state, body.messages, body.add_generation_prompt)).prompt_token_ids
         else:
-            ids = state.processor.encode(body.prompt or "")
+            try:
+                ids = state.processor.encode(body.prompt or "")
+            except PromptError as e:
+                raise bad_request(str(e), "prompt") from e
         return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
 
     @router.post("/detokenize")
