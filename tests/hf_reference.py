@@ -63,3 +63,16 @@ class ReferenceInputs:
         if images:
             out["mm_token_type_ids"] = (ids == self.image_token_id).int()
         return out
+
+
+def with_inline_images(messages: list[dict], images: list) -> list[dict]:
+    """The same conversation in our content-part spelling: each {"type": "image"} part (the
+    reference's placeholder) carries its PIL image inline, in order."""
+    it = iter(images)
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [{"type": "image", "image": next(it)} if p["type"] == "image" else p for p in content]
+        out.append({**m, "content": content})
+    return out

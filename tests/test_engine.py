@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hf_reference import ReferenceInputs, reference_model
+from hf_reference import ReferenceInputs, reference_model, with_inline_images
 from PIL import Image
 
 from server import LLM, SamplingParams
@@ -35,17 +35,6 @@ def _conversations(count: int) -> list[tuple[list[dict], list[Image.Image]]]:
         else:
             convs.append(([{"role": "user", "content": text}], []))
     return convs
-
-
-def _ours(messages: list[dict], images: list[Image.Image]) -> list[dict]:
-    it = iter(images)
-    out = []
-    for m in messages:
-        c = m["content"]
-        if isinstance(c, list):
-            c = [{"type": "image", "image": next(it)} if p["type"] == "image" else p for p in c]
-        out.append({**m, "content": c})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +66,7 @@ def test_concurrent_chunked_requests_match_transformers_alone(demo_dir, oracle):
     llm = LLM(str(demo_dir("w8")), device="cpu", max_num_batched_tokens=32, max_model_len=1024)
     convs = _conversations(24)
     params = SamplingParams(temperature=0, max_tokens=10)
-    outs = llm.chat([_ours(m, ims) for m, ims in convs], params)
+    outs = llm.chat([with_inline_images(m, ims) for m, ims in convs], params)
     eos = llm.processor.eos_token_ids
     lengths = {len(o.prompt_token_ids) for o in outs}
     assert len(lengths) > 20 and max(lengths) > 3 * 32, "prompts should vary and need several chunks"
@@ -89,7 +78,7 @@ def test_concurrent_chunked_requests_match_transformers_alone(demo_dir, oracle):
 def test_preemption_keeps_outputs_identical(demo_dir):
     """A pool of 24 blocks cannot hold 6 growing sequences: some are preempted and
     recomputed, and every output still equals the unconstrained run."""
-    convs = [_ours(m, ims) for m, ims in _conversations(6)]
+    convs = [with_inline_images(m, ims) for m, ims in _conversations(6)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     roomy = LLM(str(demo_dir("w8")), device="cpu", max_model_len=512)
     expected = [o.outputs[0].token_ids for o in roomy.chat(convs, params)]

@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from hf_reference import ReferenceInputs, reference_model
+from hf_reference import ReferenceInputs, reference_model, with_inline_images
 from PIL import Image
 
 from server import LLM, SamplingParams
@@ -55,18 +55,6 @@ def _conversation(case: str) -> tuple[list[dict], list[Image.Image]]:
     raise KeyError(case)
 
 
-def _ours(messages: list[dict], images: list[Image.Image]) -> list[dict]:
-    """Same conversation with our content-part spelling (PIL images inline)."""
-    it = iter(images)
-    out = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, list):
-            content = [{"type": "image", "image": next(it)} if p["type"] == "image" else p for p in content]
-        out.append({**m, "content": content})
-    return out
-
-
 @pytest.fixture(scope="module")
 def w8(demo_dir):
     loaded = load_model(demo_dir("w8"))
@@ -100,7 +88,7 @@ def test_logits_match_transformers(w8, case, chunks):
     whose boundaries fall inside images), on scattered KV blocks."""
     loaded, ref, processor, ref_inputs = w8
     messages, images = _conversation(case)
-    ids, ours = _our_logits(loaded, processor, _ours(messages, images), chunks)
+    ids, ours = _our_logits(loaded, processor, with_inline_images(messages, images), chunks)
     ref_in = ref_inputs.build(messages, images)
     assert ids == ref_in["input_ids"][0].tolist(), (
         "our chat template + image expansion differ from transformers'"
@@ -126,7 +114,7 @@ def test_greedy_generation_matches_transformers(demo_dir, kind):
     eos = llm.processor.eos_token_ids
     for case in ("text", "one_image", "two_images"):
         messages, images = _conversation(case)
-        out = llm.chat(_ours(messages, images), SamplingParams(temperature=0, max_tokens=32))[0]
+        out = llm.chat(with_inline_images(messages, images), SamplingParams(temperature=0, max_tokens=32))[0]
         ref_in = ref_inputs.build(messages, images)
         with torch.no_grad():
             gen = ref.generate(
