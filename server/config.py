@@ -35,6 +35,7 @@ class ServerConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False
     engine_in_thread: bool = False  # debug: run the engine core in a thread of this process
     # HTTP
     host: str = "127.0.0.1"
@@ -114,6 +115,7 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("dtype", str, "activation dtype", choices=("bfloat16", "float16", "float32")),
     _Flag("device", str, "cuda or cpu (default: cuda when available)"),
     _Flag("enable_prefix_caching", None, "reuse KV blocks of shared prompt prefixes"),
+    _Flag("enforce_eager", None, "run decode steps eagerly instead of replaying CUDA graphs"),
     _Flag("engine_in_thread", None, "debug: run the engine in a thread instead of a process"),
     _Flag("allowed_media_domains", str, "hosts that http(s) image URLs may name (default: none)", True),
     _Flag("media_fetch_timeout", float, "seconds allowed to fetch one http(s) image"),

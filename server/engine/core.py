@@ -40,6 +40,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     encoder_cache_bytes: int = 256 << 20
     kernel_backend: str = "auto"  # "auto" (Triton on CUDA), "reference", "triton"
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (debugging, profiling)
 
 
 @dataclass
@@ -111,6 +112,8 @@ class EngineCore:
             log.warning("max_model_len capped at %d tokens: the KV cache holds no more", capacity)
             self.max_model_len = capacity
         self.runner = ModelRunner(model, num_blocks, args.block_size, args.encoder_cache_bytes)
+        if model.device.type == "cuda" and not args.enforce_eager:
+            self.runner.enable_decode_graphs(args.max_num_seqs, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len

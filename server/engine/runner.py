@@ -17,6 +17,8 @@ from server.model.images import ProcessedImage
 from server.model.layers import AttentionMetadata
 from server.model.qwen3_vl import ImageFeatures, MultimodalEmbeds, Qwen3VL
 
+from .cuda_graphs import DecodeGraphs
+
 
 @dataclass(eq=False)
 class SequenceData:
@@ -133,6 +135,16 @@ class ModelRunner:
         ]
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self.vision_runs = 0  # images actually encoded (cache misses), for tests and stats
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
+        """Serve pure-decode steps from CUDA graphs (capture=False: the same static-buffer
+        path run eagerly, the CPU twin). Call after the KV pool exists: graphs bake in its
+        addresses."""
+        self.decode_graphs = DecodeGraphs(
+            self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size, capture
+        )
+        self.decode_graphs.capture_all()
 
     def image_features(self, images: list[ProcessedImage]) -> list[ImageFeatures]:
         """Features for each image, running the vision tower only for cache misses. Hits are
@@ -176,6 +188,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run one step; returns fp32 logits [num chunks wanting logits, vocab] (last token each)."""
+        graphs = self.decode_graphs
+        if graphs is not None and _all_decodes(chunks):
+            width = max(len(c.block_table) for c in chunks)
+            if graphs.can_run(len(chunks), width):
+                return self.model.compute_logits(self._run_decode_graph(graphs, chunks))
         hidden = self.forward(chunks)
         last, end = [], 0
         for c in chunks:
@@ -183,6 +200,18 @@ class ModelRunner:
             if c.want_logits:
                 last.append(end - 1)
         return self.model.compute_logits(hidden[torch.tensor(last, dtype=torch.long, device=hidden.device)])
+
+    def _run_decode_graph(self, graphs: DecodeGraphs, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        bs = self.block_size
+        ids, pos, slots, lens, tables = [], [], [], [], []
+        for c in chunks:
+            p = c.start
+            ids.append(c.seq.token_ids[p])
+            pos.append(p + c.seq.rope_delta)
+            slots.append(c.block_table[p // bs] * bs + p % bs)
+            lens.append(c.end)
+            tables.append(c.block_table)
+        return graphs.run(ids, pos, slots, lens, tables)
 
     @torch.inference_mode()
     def forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -239,3 +268,8 @@ class ModelRunner:
             )
         positions = pos_parts[0] if len(pos_parts) == 1 else torch.cat(pos_parts, dim=1)
         return self.model(torch.tensor(ids, device=dev), positions.to(dev), self.kv_caches, meta, mm_embeds)
+
+
+def _all_decodes(chunks: list[ScheduledChunk]) -> bool:
+    """One generated-position token per sequence, each wanting logits: what the graphs run."""
+    return all(c.end - c.start == 1 and c.start >= c.seq.num_prompt_tokens and c.want_logits for c in chunks)

@@ -1,0 +1,164 @@
+"""Decode steps replayed from CUDA graphs.
+
+At 2B a decode step is a few hundred small kernels; launching them one by one from Python
+costs more than running them. So for each padded batch size (1, 2, 4, 8, then steps of 8 up
+to 128 and of 16 beyond, up to max_num_seqs) the decoder forward is captured once into a CUDA
+graph that reads static input buffers, and a step of n decodes copies its inputs into those
+buffers and replays the smallest graph with room for n.
+
+Padding rows run a 1-token context with slot -1: the KV write skips them, attention reads one
+cached slot (any finite value) and their hidden states are dropped. The attention launch plan
+(context splits) is fixed per batch size at max_model_len, so one graph serves every context
+length; the qmatmul tuner has timed each batch size in the warm-up run before capture.
+
+`capture=False` keeps everything but the capture: the same buffers, padding and forward,
+run eagerly. That is the CPU twin the tests run in CI.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from server.model.layers import AttentionMetadata
+from server.model.qwen3_vl import Qwen3VL
+
+log = logging.getLogger(__name__)
+
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Padded decode batch sizes: 1, 2, 4, 8, then steps of 8 to 128 and 16 beyond."""
+    sizes = [s for s in (1, 2, 4) if s < max_num_seqs]
+    sizes += list(range(8, min(max_num_seqs, 128) + 1, 8))
+    sizes += list(range(144, max_num_seqs + 1, 16))
+    if not sizes or sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class DecodeGraphs:
+    """Static-buffer decode forward for batch sizes up to max_num_seqs, one graph per size."""
+
+    # rows of the packed per-token inputs, copied to the device in one transfer per step
+    IDS, POS, SLOT, SEQ_LEN = range(4)
+
+    def __init__(
+        self,
+        model: Qwen3VL,
+        kv_caches: KVCaches,
+        max_num_seqs: int,
+        max_model_len: int,
+        block_size: int,
+        capture: bool = True,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_batch = self.sizes[-1]
+        self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // block_size)
+        self.capture = capture
+        dev = model.device
+        n = self.max_batch
+        self.inputs = torch.zeros((4, n), dtype=torch.long, device=dev)
+        self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.long, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.long, device=dev)  # 1 token each
+        self._staging = torch.zeros((4, n), dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.replays = 0  # steps served (tests and stats)
+
+    def bucket(self, n: int) -> int | None:
+        """The smallest batch size with room for n decodes (None: run eagerly)."""
+        for s in self.sizes:
+            if s >= n:
+                return s
+        return None
+
+    def can_run(self, n: int, max_blocks: int) -> bool:
+        return 0 < n <= self.max_batch and max_blocks <= self.max_blocks
+
+    def _forward(self, size: int) -> torch.Tensor:
+        """The decoder forward over the first `size` rows of the static buffers."""
+        meta = AttentionMetadata(
+            slot_mapping=self.inputs[self.SLOT, :size],
+            block_tables=self.block_tables[:size],
+            seq_lens=self.inputs[self.SEQ_LEN, :size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,  # fixes the attention plan for any context
+        )
+        positions = self.inputs[self.POS, :size].expand(3, -1)  # decode: t = h = w
+        return self.model(self.inputs[self.IDS, :size], positions, self.kv_caches, meta)
+
+    @classmethod
+    def _pad(cls, packed: torch.Tensor, start: int) -> None:
+        """Rows from `start` on become padding: token 0 at position 0, no KV write (slot -1),
+        a 1-token context (its block-table row always holds valid block ids)."""
+        packed[:, start:] = 0
+        packed[cls.SLOT, start:] = -1
+        packed[cls.SEQ_LEN, start:] = 1
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Warm up (compiles kernels, times qmatmul plans) and capture every size, largest
+        first so the smaller graphs reuse the largest one's memory pool."""
+        if not self.capture:
+            return
+        t0 = time.perf_counter()
+        free_before = torch.cuda.mem_get_info()[0]
+        self._pad(self.inputs, 0)
+        pool = None
+        for size in reversed(self.sizes):
+            self._forward(size)  # eager warm-up: Triton compile + qmatmul tuning for this M
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self._forward(size)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+        used = free_before - torch.cuda.mem_get_info()[0]
+        log.info(
+            "captured %d decode CUDA graphs (batch 1..%d) in %.1f s, %.0f MiB",
+            len(self.graphs),
+            self.max_batch,
+            time.perf_counter() - t0,
+            used / 2**20,
+        )
+
+    @torch.inference_mode()
+    def run(
+        self,
+        ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        seq_lens: list[int],
+        tables: list[list[int]],
+    ) -> torch.Tensor:
+        """One decode step of len(ids) sequences; returns their final hidden states [n, H].
+
+        The result is a view of a static buffer: use it before the next call."""
+        n = len(ids)
+        size = self.bucket(n)
+        assert size is not None and self.can_run(n, max(map(len, tables))), "caller checks can_run"
+        # The pinned staging buffer is reused next step: safe because sampling reads the
+        # tokens back (a sync) before the next step starts.
+        staged = self._staging[:, :size]
+        staged[:, :n] = torch.tensor([ids, positions, slots, seq_lens])
+        self._pad(staged, n)
+        self.inputs[:, :size].copy_(staged, non_blocking=True)
+        width = max(map(len, tables))
+        rows = [t + [0] * (width - len(t)) for t in tables]
+        # Entries past `width` (and padding rows) keep earlier valid block ids; the kernels read
+        # only the blocks a row's seq_len covers.
+        self.block_tables[:n, :width].copy_(torch.tensor(rows), non_blocking=True)
+        self.replays += 1
+        if self.capture:
+            self.graphs[size].replay()
+            return self.outputs[size][:n]
+        return self._forward(size)[:n]
