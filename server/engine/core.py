@@ -3,18 +3,21 @@ it runs in the engine process (or inline for the offline LLM and tests)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from server.model.images import ProcessedImage
+from server.model.images import ImageSettings, ProcessedImage
 from server.model.loader import load_model
 from server.model.qwen3_vl import Qwen3VL, mrope_positions
 
 from .kv_cache import BlockManager, BlockSpans
+from .memory import kv_bytes_per_block, largest_image_grid, profile_memory
 from .runner import ModelRunner, SequenceData
 from .sampler import SamplingInput, sample
 from .sampling_params import SamplingParams
@@ -95,12 +98,16 @@ class EngineCore:
             dtype = getattr(torch, args.dtype) if args.dtype else None
             loaded = load_model(args.model, device=device, dtype=dtype, quantization=args.quantization)
             model = loaded.model
+            image_settings = _image_settings(loaded.path)
+        else:
+            image_settings = ImageSettings()
         model.set_backend(args.kernel_backend)
         self.model = model
         cfg = model.cfg
         self.image_token_id = cfg.image_token_id
         self.merge_size = cfg.vision.spatial_merge_size
         self.max_model_len = args.max_model_len or cfg.text.max_position_embeddings
+        self.largest_image_grid = _largest_image_grid(image_settings, self.merge_size, args.max_model_len)
         num_blocks = args.num_kv_blocks or self._default_num_blocks()
         capacity = num_blocks * args.block_size
         if self.max_model_len > capacity:
@@ -112,6 +119,8 @@ class EngineCore:
             log.warning("max_model_len capped at %d tokens: the KV cache holds no more", capacity)
             self.max_model_len = capacity
         self.runner = ModelRunner(model, num_blocks, args.block_size, args.encoder_cache_bytes)
+        grid = self.largest_image_grid
+        self.runner.max_encode_patches = grid[0] * grid[1] * grid[2]  # never above the profiled peak
         if model.device.type == "cuda" and not args.enforce_eager:
             self.runner.enable_decode_graphs(args.max_num_seqs, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
@@ -125,23 +134,20 @@ class EngineCore:
     def _default_num_blocks(self) -> int:
         a = self.args
         if self.model.device.type == "cuda":
-            return self._blocks_from_free_memory()
+            return self._blocks_from_profile()
         # CPU: enough for max_num_seqs sequences of a modest context, bounded in memory
         per_seq = math.ceil(min(self.max_model_len, 4096) / a.block_size)
         return max(per_seq, min(per_seq * a.max_num_seqs, 4096))
 
-    def _blocks_from_free_memory(self) -> int:
-        t = self.model.cfg.text
-        free, total = torch.cuda.mem_get_info()
-        budget = free - total * (1 - self.args.gpu_memory_utilization)
-        per_block = 2 * t.num_hidden_layers * self.args.block_size * t.num_key_value_heads * t.head_dim
-        per_block *= self.model.dtype.itemsize if hasattr(self.model.dtype, "itemsize") else 2
-        blocks = int(budget // per_block)
-        if blocks < 1:
-            raise RuntimeError(
-                "no GPU memory left for the KV cache: lower max_model_len or raise gpu_memory_utilization"
-            )
-        return blocks
+    def _blocks_from_profile(self) -> int:
+        """KV blocks that fit in gpu_memory_utilization x total after a profiling step."""
+        a = self.args
+        profile = profile_memory(
+            self.model, a.max_num_batched_tokens, a.max_num_seqs, a.block_size, self.largest_image_grid
+        )
+        return profile.num_blocks(
+            a.gpu_memory_utilization, a.encoder_cache_bytes, kv_bytes_per_block(self.model, a.block_size)
+        )
 
     # -- requests --------------------------------------------------------------------------
 
@@ -287,3 +293,22 @@ def _image_spans(token_ids: list[int], images: list[ProcessedImage], image_token
         else:
             i += 1
     return BlockSpans(spans)
+
+
+def _image_settings(path: Path) -> ImageSettings:
+    pre = Path(path) / "preprocessor_config.json"
+    if not pre.is_file():
+        return ImageSettings()
+    return ImageSettings.from_preprocessor_config(json.loads(pre.read_text()))
+
+
+def _largest_image_grid(
+    settings: ImageSettings, merge_size: int, max_model_len: int | None
+) -> tuple[int, int, int]:
+    """The largest image a request can bring: the processor's maximum, or what fits in an
+    explicit max_model_len."""
+    t, h, w = largest_image_grid(settings)
+    if max_model_len is not None and h * w // merge_size**2 >= max_model_len:
+        side = math.isqrt(max(1, max_model_len - 1)) * merge_size
+        h = w = max(merge_size, side)
+    return (t, h, w)

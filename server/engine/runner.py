@@ -136,6 +136,9 @@ class ModelRunner:
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self.vision_runs = 0  # images actually encoded (cache misses), for tests and stats
         self.decode_graphs: DecodeGraphs | None = None
+        # Most patches encoded in one vision-tower call (the profiled largest image); larger
+        # sets of images are encoded in groups so a step never exceeds the profiled peak.
+        self.max_encode_patches: int | None = None
 
     def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
         """Serve pure-decode steps from CUDA graphs (capture=False: the same static-buffer
@@ -156,14 +159,14 @@ class ModelRunner:
                 found[im.content_hash] = f
         self.encoder_cache.hits += sum(1 for im in images if im.content_hash in found)
         unique = list({im.content_hash: im for im in images if im.content_hash not in found}.values())
-        if unique:
-            pixels = torch.cat([im.pixel_values for im in unique])
-            feats = self.model.encode_images(pixels, [im.grid_thw for im in unique])
-            for im, f in zip(unique, feats):
+        for group in _patch_groups(unique, self.max_encode_patches):
+            pixels = torch.cat([im.pixel_values for im in group])
+            feats = self.model.encode_images(pixels, [im.grid_thw for im in group])
+            for im, f in zip(group, feats):
                 found[im.content_hash] = f
                 self.encoder_cache.put(im.content_hash, f)
-            self.vision_runs += len(unique)
-            self.encoder_cache.misses += len(unique)
+            self.vision_runs += len(group)
+            self.encoder_cache.misses += len(group)
         return [found[im.content_hash] for im in images]
 
     def _mm_rows(self, chunk: ScheduledChunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -273,3 +276,21 @@ class ModelRunner:
 def _all_decodes(chunks: list[ScheduledChunk]) -> bool:
     """One generated-position token per sequence, each wanting logits: what the graphs run."""
     return all(c.end - c.start == 1 and c.start >= c.seq.num_prompt_tokens and c.want_logits for c in chunks)
+
+
+def _patch_groups(images: list[ProcessedImage], max_patches: int | None) -> list[list[ProcessedImage]]:
+    """Consecutive groups of images with at most max_patches patches each (an image larger
+    than that alone; None: one group)."""
+    if max_patches is None:
+        return [images] if images else []
+    groups: list[list[ProcessedImage]] = []
+    size = 0
+    for im in images:
+        n = im.pixel_values.shape[0]
+        if groups and size + n <= max_patches:
+            groups[-1].append(im)
+            size += n
+        else:
+            groups.append([im])
+            size = n
+    return groups

@@ -1,0 +1,160 @@
+"""How many KV blocks fit on the GPU.
+
+With the weights loaded, one profiling run does the largest work a step can: the vision
+tower on the largest image the processor can produce, a prefill of max_num_batched_tokens
+tokens spread over max_num_seqs sequences, logits and sampling (top-k, top-p, penalties,
+logprobs) for every one of them, and a decode forward of max_num_seqs tokens (what the CUDA
+graphs will hold). The allocator's peak during that run, plus what lives outside torch (CUDA
+context, library workspaces, other processes), plus the encoder cache and the decode graphs'
+memory, is taken from gpu_memory_utilization x total; the rest becomes KV blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from server.model.images import ImageSettings
+from server.model.qwen3_vl import Qwen3VL
+
+from .runner import ModelRunner, ScheduledChunk, SequenceData
+from .sampler import SamplingInput, sample
+from .sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+MiB = 2**20
+
+
+def kv_bytes_per_block(model: Qwen3VL, block_size: int) -> int:
+    """K and V of `block_size` tokens in every decoder layer."""
+    t = model.cfg.text
+    return 2 * t.num_hidden_layers * block_size * t.num_key_value_heads * t.head_dim * model.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """Bytes measured by `profile_memory` (all of the device, not only this process)."""
+
+    total: int
+    weights: int  # torch allocations before the profiling run: weights and buffers
+    peak: int  # torch allocator peak during the run (weights included)
+    decode_activations: int  # peak above the weights during the max_num_seqs decode forward
+    non_torch: int  # used on the device outside this process's torch allocator
+
+    def kv_budget(self, utilization: float, reserved: int) -> int:
+        """Bytes left for KV blocks; `reserved`: the encoder cache and anything else kept."""
+        graphs = self.decode_activations  # the decode graphs' private pool holds about this much
+        return int(self.total * utilization) - self.peak - self.non_torch - graphs - reserved
+
+    def num_blocks(self, utilization: float, reserved: int, per_block: int) -> int:
+        budget = self.kv_budget(utilization, reserved)
+        blocks = budget // per_block
+        if blocks < 1:
+            need = (self.peak + self.non_torch + self.decode_activations + reserved + per_block) / self.total
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache: weights {self.weights / MiB:.0f} MiB, step peak "
+                f"{self.peak / MiB:.0f} MiB, outside torch {self.non_torch / MiB:.0f} MiB of "
+                f"{self.total / MiB:.0f} MiB; raise gpu_memory_utilization (needs > {need:.2f}) or "
+                "lower max_num_batched_tokens / max_num_seqs"
+            )
+        return blocks
+
+
+def largest_image_grid(settings: ImageSettings) -> tuple[int, int, int]:
+    """(t, h, w) in patches of the largest image the processor can produce (about square)."""
+    unit = settings.patch_size * settings.merge_size  # h, w are multiples of merge_size patches
+    side = math.isqrt(settings.max_pixels) // unit * settings.merge_size
+    return (1, side, side)
+
+
+@torch.inference_mode()
+def profile_step(
+    model: Qwen3VL,
+    max_num_batched_tokens: int,
+    max_num_seqs: int,
+    block_size: int,
+    image_grid: tuple[int, int, int] | None,
+) -> tuple[int, int]:
+    """Run the largest step the engine can schedule on dummy inputs, in a temporary KV cache.
+
+    Returns (allocator peak of the prefill step without the temporary KV cache, peak above the
+    starting point of a max_num_seqs decode forward); (0, 0) off CUDA."""
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    feats = None
+    if image_grid is not None:  # kept alive through the text step, as a cached image would be
+        v = model.cfg.vision
+        rows = image_grid[0] * image_grid[1] * image_grid[2]
+        pixels = torch.randn(rows, v.in_channels * v.temporal_patch_size * v.patch_size**2)
+        feats = model.encode_images(pixels, [image_grid])
+    tokens = max(max_num_batched_tokens, max_num_seqs)
+    n_seqs = min(max_num_seqs, tokens)
+    lengths = [tokens // n_seqs + (i < tokens % n_seqs) for i in range(n_seqs)]
+    tables, next_block = [], 0
+    for n in lengths:  # room for the decode token too
+        tables.append(list(range(next_block, next_block + n // block_size + 1)))
+        next_block += len(tables[-1])
+    runner = ModelRunner(model, next_block, block_size, encoder_cache_bytes=0)
+    kv_bytes = next_block * kv_bytes_per_block(model, block_size)
+    text_vocab = min(model.cfg.image_token_id, model.cfg.vision_start_token_id)
+    seqs = []
+    for i, n in enumerate(lengths):
+        ids = [(7 * i + j) % text_vocab for j in range(n)]
+        seqs.append(SequenceData.from_prompt(ids, [], torch.arange(n).expand(3, -1), 0))
+    logits = runner.run([ScheduledChunk(s, 0, len(s), t) for s, t in zip(seqs, tables)])
+    params = SamplingParams(
+        temperature=0.8,
+        top_p=0.9,
+        top_k=50,
+        min_p=0.01,
+        repetition_penalty=1.1,
+        frequency_penalty=0.1,
+        logprobs=20,
+    )
+    sample(logits, [SamplingInput(params, s) for s in seqs])
+    del logits, feats
+    step_peak = decode_peak = 0
+    if cuda:
+        torch.cuda.synchronize()
+        step_peak = torch.cuda.max_memory_allocated() - kv_bytes
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    for s in seqs:  # decode: one new token per sequence over its whole context
+        s.append(1)
+    runner.forward([ScheduledChunk(s, len(s) - 1, len(s), t) for s, t in zip(seqs, tables)])
+    if cuda:
+        torch.cuda.synchronize()
+        decode_peak = torch.cuda.max_memory_allocated() - base
+    return step_peak, decode_peak
+
+
+def profile_memory(
+    model: Qwen3VL,
+    max_num_batched_tokens: int,
+    max_num_seqs: int,
+    block_size: int,
+    image_grid: tuple[int, int, int] | None,
+) -> MemoryProfile:
+    """Measure a profiling step on the model's CUDA device (see the module docstring)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    weights = torch.cuda.memory_allocated()
+    peak, decode = profile_step(model, max_num_batched_tokens, max_num_seqs, block_size, image_grid)
+    free, total = torch.cuda.mem_get_info()
+    non_torch = max(0, (total - free) - torch.cuda.memory_reserved())
+    torch.cuda.empty_cache()  # the profile's cached blocks go back before the KV pool is made
+    profile = MemoryProfile(total, weights, max(peak, weights), decode, non_torch)
+    log.info(
+        "memory profile: weights %.0f MiB, step peak %.0f MiB, decode activations %.0f MiB, "
+        "outside torch %.0f MiB, total %.0f MiB",
+        weights / MiB,
+        profile.peak / MiB,
+        decode / MiB,
+        non_torch / MiB,
+        total / MiB,
+    )
+    return profile

@@ -1,0 +1,117 @@
+"""KV pool sizing after a profiling step (server/engine/memory.py) and the vision-tower grouping
+that keeps real steps under the profiled peak. The arithmetic and the profiling run itself are
+checked on CPU; the measured numbers only exist on CUDA (`gpu` tests)."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from server.engine.core import EngineArgs, EngineCore, _largest_image_grid
+from server.engine.memory import MemoryProfile, kv_bytes_per_block, largest_image_grid, profile_step
+from server.engine.runner import ModelRunner
+from server.model.images import ImageSettings, preprocess_image, smart_resize
+from server.model.loader import load_model
+
+GiB = 2**30
+MiB = 2**20
+
+
+def test_kv_budget_takes_everything_measured_from_the_utilization_share() -> None:
+    p = MemoryProfile(total=80 * GiB, weights=3 * GiB, peak=7 * GiB, decode_activations=GiB // 2, non_torch=GiB)
+    # 72 GiB allowed - 7 peak - 1 outside torch - 0.5 decode graphs - 0.25 encoder cache
+    assert p.kv_budget(0.9, 256 * MiB) == int(80 * GiB * 0.9) - 7 * GiB - GiB - GiB // 2 - 256 * MiB
+    per_block = 28 * 2 * 16 * 8 * 128 * 2  # the real 2B model, bf16, block size 16
+    assert p.num_blocks(0.9, 256 * MiB, per_block) == p.kv_budget(0.9, 256 * MiB) // per_block
+    assert p.num_blocks(0.5, 0, per_block) < p.num_blocks(0.9, 0, per_block)
+
+
+def test_no_room_for_kv_is_a_clear_error() -> None:
+    p = MemoryProfile(total=16 * GiB, weights=3 * GiB, peak=9 * GiB, decode_activations=GiB, non_torch=GiB)
+    with pytest.raises(RuntimeError, match=r"raise gpu_memory_utilization \(needs > 0\.69\)"):
+        p.num_blocks(0.6, 0, 2 * MiB)
+
+
+def test_kv_bytes_per_block_matches_the_runner_pool() -> None:
+    model = load_model("demo", device="cpu").model
+    runner = ModelRunner(model, num_blocks=5, block_size=16)
+    pool = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in runner.kv_caches)
+    assert kv_bytes_per_block(model, 16) * 5 == pool
+
+
+def test_largest_image_grid_bounds_every_processed_image() -> None:
+    """No image the processor can make has more patches than the profiled grid."""
+    s = ImageSettings()
+    t, h, w = largest_image_grid(s)
+    assert (t, h, w) == (1, 256, 256) and h % s.merge_size == 0
+    unit = s.patch_size * s.merge_size
+    for height, width in [(8000, 8000), (4096, 4097), (30000, 150), (150, 30000), (640, 480), (5000, 3000)]:
+        rh, rw = smart_resize(height, width, unit, s.min_pixels, s.max_pixels)
+        assert (rh // s.patch_size) * (rw // s.patch_size) <= h * w, (height, width)
+    # an explicit context length smaller than the largest image's tokens shrinks the grid
+    t, h, w = _largest_image_grid(s, 2, max_model_len=1000)
+    assert h * w // 4 < 1000 and h * w // 4 >= 900
+    assert _largest_image_grid(s, 2, max_model_len=100_000) == (1, 256, 256)
+
+
+def test_profile_step_runs_the_largest_step(demo_dir) -> None:
+    """The profiling step runs the vision tower on the given grid, one prefill of
+    max_num_batched_tokens tokens over max_num_seqs sequences with sampling, then one decode of
+    max_num_seqs tokens; on CPU it measures nothing and returns zeros."""
+    model = load_model(demo_dir("w8"), device="cpu").model
+    calls: list[int] = []
+    model.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    vision: list[int] = []
+    model.visual.register_forward_hook(lambda _m, args, _out: vision.append(args[0].shape[0]))
+    assert profile_step(model, 100, 8, 16, (1, 8, 12)) == (0, 0)
+    assert vision == [96]
+    assert calls == [100, 8]
+    calls.clear()
+    profile_step(model, 4, 8, 16, None)  # budget below max_num_seqs: every sequence gets a token
+    assert calls == [8, 8]
+
+
+def test_vision_tower_runs_in_groups_under_the_patch_limit(demo_dir) -> None:
+    """With a per-call patch limit the images are encoded in several calls, and the features
+    equal one call over all of them."""
+    model = load_model(demo_dir("w8"), device="cpu").model
+    rng = np.random.default_rng(1)
+    s = ImageSettings(min_pixels=32 * 32, max_pixels=64 * 64 * 4)
+    images = [
+        preprocess_image(Image.fromarray(rng.integers(0, 255, (hw, hw + 16, 3), dtype=np.uint8)), s)
+        for hw in (64, 96, 48)
+    ]
+    patches = [im.pixel_values.shape[0] for im in images]
+    whole = ModelRunner(model, 4).image_features(images)
+    grouped = ModelRunner(model, 4)
+    grouped.max_encode_patches = max(patches)
+    calls: list[int] = []
+    model.visual.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    feats = grouped.image_features(images)
+    assert len(calls) >= 2 and max(calls) <= max(patches) and sum(calls) == sum(patches)
+    for a, b in zip(whole, feats):
+        torch.testing.assert_close(a.embeds, b.embeds, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.deepstack, b.deepstack, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kv_pool_is_sized_from_the_profile_on_gpu(demo_dir) -> None:
+    """On CUDA the pool fills gpu_memory_utilization after the profile: a lower utilization
+    gives fewer blocks, and one below the measured need is refused with the reason."""
+    args = dict(model=str(demo_dir("w8")), max_num_seqs=8, max_num_batched_tokens=256, max_model_len=1024)
+    big = EngineCore(EngineArgs(gpu_memory_utilization=0.5, **args))
+    total = torch.cuda.mem_get_info()[1]
+    pool = big.runner.num_blocks * kv_bytes_per_block(big.model, 16)
+    assert pool > 0.2 * total  # the demo's weights and activations are tiny next to the card
+    del big
+    gc.collect()
+    torch.cuda.empty_cache()
+    small = EngineCore(EngineArgs(gpu_memory_utilization=0.3, **args))
+    assert 0 < small.runner.num_blocks * kv_bytes_per_block(small.model, 16) < pool
+    with pytest.raises(RuntimeError, match="raise gpu_memory_utilization"):
+        EngineCore(EngineArgs(gpu_memory_utilization=1e-4, **args))  # ~14 MiB: not even the CUDA context
