@@ -1,12 +1,14 @@
 """Next-token selection for a batch of sequences, vectorized over the batch.
 
-Random draws are keyed by (seed, sequence, output position) through an exponential race
-(argmax p / E with E ~ Exp(1) is a sample from p), so a seeded request gets the same tokens
-whatever else shares its batch.
+Sampling is by inverse CDF with one uniform draw per row, made on the host from a key of
+(seed, sibling, output position), so a seeded request gets the same tokens whatever else
+shares its batch, and the device does three passes over the logits (softmax, running sum,
+search) whatever the batch.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +16,7 @@ import torch
 from .runner import SequenceData
 from .sampling_params import SamplingParams
 
-_MASK64 = (1 << 63) - 1
+_MASK64 = (1 << 64) - 1
 GREEDY_BELOW = 1e-5
 
 
@@ -36,21 +38,27 @@ class SampleResult:
 
 
 def _noise_key(seed: int, sample_index: int, position: int) -> int:
-    # splitmix-style mix so nearby (seed, position) pairs give unrelated streams
+    """A 64-bit key per (seed, sibling, position): splitmix64's finalizer over their sum, so
+    nearby triples give unrelated keys."""
     z = (
-        seed * 0x9E3779B97F4A7C15 + sample_index * 0xBF58476D1CE4E5B9 + position * 0x94D049BB133111EB
+        seed * 0x9E3779B97F4A7C15 + sample_index * 0xD1B54A32D192ED03 + position * 0x8CB92BA72F3D8DD7
     ) & _MASK64
-    z ^= z >> 31
-    return z & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
-def _exponential(vocab: int, key: int | None, device: torch.device) -> torch.Tensor:
-    g = torch.Generator(device="cpu")
-    if key is None:
-        g.seed()
-    else:
-        g.manual_seed(key)
-    return torch.empty(vocab).exponential_(generator=g).to(device)
+_unseeded = random.Random()  # draws of requests without a seed (seeded from os.urandom)
+
+
+def uniform_draw(key: int) -> float:
+    """A uniform draw in [0, 1) from a mixed 64-bit key (its top 53 bits)."""
+    return (key >> 11) * 2.0**-53
+
+
+def _penalized(r: SamplingInput) -> bool:
+    p = r.params
+    return p.repetition_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingInput]) -> torch.Tensor:
@@ -69,10 +77,12 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingInput]) -> torch.Te
     return logits
 
 
-def _filter(
+def _filtered_sorted_probs(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
-) -> torch.Tensor:
-    """Mask tokens outside top-k / top-p nucleus / min-p to -inf (rows independent)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities in descending order with tokens outside top-k / the top-p nucleus / min-p
+    set to 0 (not renormalized: the inverse CDF scales by each row's kept mass), and the
+    token id of each sorted position."""
     vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
@@ -83,55 +93,71 @@ def _filter(
     drop |= cum_before >= top_p[:, None]  # keep the smallest prefix whose mass reaches top_p
     drop |= probs < (min_p[:, None] * probs[:, :1])
     drop[:, 0] = False  # the most likely token always survives
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return probs.masked_fill_(drop, 0.0), order
+
+
+def _draws(rows: list[SamplingInput]) -> list[float]:
+    """One uniform per row: keyed by (seed, sibling, position) when seeded, so a row's token
+    never depends on what else is in the batch."""
+    return [
+        _unseeded.random()
+        if r.params.seed is None
+        else uniform_draw(_noise_key(r.params.seed, r.sample_index, r.data.num_output_tokens))
+        for r in rows
+    ]
+
+
+def _inverse_cdf(probs: torch.Tensor, draws: list[float]) -> torch.Tensor:
+    """Row i: the token where the cumulative probability first exceeds draws[i] x the row's
+    total. fp64 running sums keep the rounding far below any probability worth sampling;
+    zero-probability tokens can never be chosen."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.tensor(draws, dtype=torch.float64, device=probs.device) * cdf[:, -1]
+    return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingInput]) -> SampleResult:
-    """logits [B, V] fp32 for the next token of each row -> chosen ids (+ logprobs)."""
+    """logits [B, V] fp32 for the next token of each row -> chosen ids (+ logprobs).
+
+    One device-to-host copy per call (the chosen ids, plus the requested logprobs); every
+    decision that depends only on the parameters is made on the host."""
     logits = logits.float()
-    raw_logprobs = logits.log_softmax(-1) if any(r.params.logprobs is not None for r in rows) else None
-    logits = apply_penalties(logits.clone(), rows)
+    want_lp = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    raw_logprobs = logits[want_lp].log_softmax(-1) if want_lp else None
+    if any(_penalized(r) or r.params.min_tokens for r in rows):
+        logits = apply_penalties(logits.clone(), rows)  # the caller's logits stay as they were
     for i, r in enumerate(rows):  # min_tokens: no stopping token before the minimum
         if r.params.min_tokens and r.data.num_output_tokens < r.params.min_tokens and r.stop_token_ids:
             ids = torch.tensor(sorted(r.stop_token_ids), device=logits.device)
             logits[i, ids[ids < logits.shape[-1]]] = float("-inf")
 
     dev = logits.device
-    temps = torch.tensor([r.params.temperature for r in rows], device=dev)
-    greedy = temps < GREEDY_BELOW  # tiny temperatures overflow logits / t: treat them as greedy
     chosen = logits.argmax(-1)
-    if not bool(greedy.all()):
-        top_k = torch.tensor([r.params.top_k for r in rows], device=dev)
-        top_p = torch.tensor([r.params.top_p for r in rows], device=dev)
-        min_p = torch.tensor([r.params.min_p for r in rows], device=dev)
-        scaled = logits / torch.where(greedy, torch.ones_like(temps), temps)[:, None]
-        probs = _filter(scaled, top_k, top_p, min_p).softmax(-1)
-        noise = torch.stack(
-            [
-                _exponential(
-                    logits.shape[-1],
-                    None
-                    if r.params.seed is None
-                    else _noise_key(r.params.seed, r.sample_index, r.data.num_output_tokens),
-                    dev,
-                )
-                for r in rows
-            ]
-        )
-        sampled = (probs / noise).argmax(-1)
-        chosen = torch.where(greedy, chosen, sampled)
+    sampled_rows = [i for i, r in enumerate(rows) if r.params.temperature >= GREEDY_BELOW]
+    if sampled_rows:  # tiny temperatures overflow logits / t: those rows stay greedy
+        sub = [rows[i] for i in sampled_rows]
+        scaled = logits[sampled_rows] / torch.tensor([r.params.temperature for r in sub], device=dev)[:, None]
+        if any(r.params.top_k > 0 or r.params.top_p < 1.0 or r.params.min_p > 0.0 for r in sub):
+            top_k = torch.tensor([r.params.top_k for r in sub], device=dev)
+            top_p = torch.tensor([r.params.top_p for r in sub], device=dev)
+            min_p = torch.tensor([r.params.min_p for r in sub], device=dev)
+            probs, order = _filtered_sorted_probs(scaled, top_k, top_p, min_p)
+            picked = order.gather(1, _inverse_cdf(probs, _draws(sub))[:, None])[:, 0]
+        else:
+            picked = _inverse_cdf(scaled.softmax(-1), _draws(sub))
+        chosen = chosen.index_copy(0, torch.tensor(sampled_rows, device=dev), picked)
 
     token_ids = chosen.tolist()
-    out_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = []
-    for i, r in enumerate(rows):
-        if r.params.logprobs is None or raw_logprobs is None:
-            out_logprobs.append(None)
-            continue
-        lp = raw_logprobs[i]
-        top: list[tuple[int, float]] = []
-        if r.params.logprobs:
-            vals, idx = lp.topk(r.params.logprobs)
-            top = list(zip(idx.tolist(), vals.tolist()))
-        out_logprobs.append((float(lp[token_ids[i]]), top))
+    out_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(rows)
+    if raw_logprobs is not None:
+        picked = raw_logprobs.gather(1, chosen[want_lp][:, None])[:, 0].tolist()
+        k_max = max(rows[i].params.logprobs or 0 for i in want_lp)
+        top_vals: list[list[float]] = [[] for _ in want_lp]
+        top_ids: list[list[int]] = [[] for _ in want_lp]
+        if k_max:
+            vals, idx_top = raw_logprobs.topk(k_max, dim=-1)
+            top_vals, top_ids = vals.tolist(), idx_top.tolist()
+        for j, i in enumerate(want_lp):
+            k = rows[i].params.logprobs or 0
+            out_logprobs[i] = (picked[j], list(zip(top_ids[j][:k], top_vals[j][:k])))
     return SampleResult(token_ids, out_logprobs)

@@ -1,0 +1,110 @@
+"""The sampler's statistics and bookkeeping, on hand-made logits (fixed seeds: deterministic).
+
+Each row draws one uniform from a key of (seed, sibling, position) and inverts the CDF: these
+tests check that this samples the filtered, tempered distribution, that rows are independent
+of the batch, and that logprobs are the ones asked for."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.runner import SequenceData
+from server.engine.sampler import SamplingInput, _noise_key, sample, uniform_draw
+from server.engine.sampling_params import SamplingParams
+
+PROBS = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+
+
+def _rows(n: int, **params: object) -> list[SamplingInput]:
+    data = SequenceData.from_prompt([1, 2, 3], [], torch.zeros(3, 3, dtype=torch.long), 0)
+    return [SamplingInput(SamplingParams(seed=i, **params), data) for i in range(n)]  # type: ignore[arg-type]
+
+
+def _frequencies(logits: torch.Tensor, n: int, **params: object) -> torch.Tensor:
+    out = sample(logits.expand(n, -1).clone(), _rows(n, **params))
+    return torch.bincount(torch.tensor(out.token_ids), minlength=logits.shape[-1]).float() / n
+
+
+def _chi2(freq: torch.Tensor, expected: torch.Tensor, n: int) -> float:
+    keep = expected > 0
+    return float((n * (freq[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+def test_draws_are_uniform_over_seeds_siblings_and_positions() -> None:
+    """The per-row uniform draws: flat histograms along each key component, all in [0, 1),
+    and neighbouring positions of one seed uncorrelated."""
+    n = 20_000
+    for key in (
+        lambda i: _noise_key(i, 0, 0),  # seeds
+        lambda i: _noise_key(42, i, 3),  # siblings
+        lambda i: _noise_key(42, 0, i),  # positions
+        lambda i: _noise_key(-i, 0, 0),  # negative seeds
+    ):
+        u = torch.tensor([uniform_draw(key(i)) for i in range(n)], dtype=torch.float64)
+        assert float(u.min()) >= 0 and float(u.max()) < 1
+        freq = torch.histc(u, bins=20, min=0, max=1) / n
+        assert _chi2(freq, torch.full((20,), 1 / 20), n) < 45  # 19 degrees of freedom: p ~ 1e-3
+        assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].item()) < 0.03
+
+
+def test_samples_follow_the_distribution() -> None:
+    n = 20_000
+    freq = _frequencies(PROBS.log(), n, temperature=1.0)
+    assert _chi2(freq, PROBS, n) < 25, freq  # 5 degrees of freedom: p ~ 1e-4
+
+
+def test_temperature_sharpens_the_distribution() -> None:
+    n = 20_000
+    want = PROBS**2 / (PROBS**2).sum()  # T = 0.5
+    assert _chi2(_frequencies(PROBS.log(), n, temperature=0.5), want, n) < 25
+
+
+def test_top_k_top_p_min_p_renormalize_what_they_keep() -> None:
+    n = 20_000
+    logits = PROBS.log()
+    top2 = torch.zeros_like(PROBS)
+    top2[:2] = PROBS[:2] / PROBS[:2].sum()
+    assert _chi2(_frequencies(logits, n, top_k=2), top2, n) < 25
+    # top_p 0.75: 0.4 + 0.25 = 0.65 < 0.75, so the third token (0.15) completes the nucleus
+    top3 = torch.zeros_like(PROBS)
+    top3[:3] = PROBS[:3] / PROBS[:3].sum()
+    freq = _frequencies(logits, n, top_p=0.75)
+    assert _chi2(freq, top3, n) < 25 and freq[3:].sum() == 0
+    # min_p 0.3: keep tokens with p >= 0.3 * 0.4 = 0.12
+    freq = _frequencies(logits, n, min_p=0.3)
+    assert _chi2(freq, top3, n) < 25 and freq[3:].sum() == 0
+
+
+def test_seeded_rows_do_not_depend_on_the_batch_and_unseeded_vary() -> None:
+    logits = torch.randn(1, 1000)
+    rows = _rows(6, temperature=1.0)
+    batch = sample(logits.expand(6, -1).clone(), rows).token_ids
+    alone = [sample(logits.clone(), [r]).token_ids[0] for r in rows]
+    assert batch == alone and len(set(batch)) > 1
+    data = rows[0].data
+    free = [SamplingInput(SamplingParams(temperature=1.0), data) for _ in range(20)]
+    assert len(set(sample(logits.expand(20, -1).clone(), free).token_ids)) > 5
+
+
+def test_logprobs_per_row_count_and_values() -> None:
+    """Rows ask 0, 3, none and 20 alternatives; each gets exactly that, in order, with the
+    log-softmax values of the raw logits; greedy and sampled rows mixed."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(5))
+    data = SequenceData.from_prompt([1], [], torch.zeros(3, 1, dtype=torch.long), 0)
+    rows = [
+        SamplingInput(SamplingParams(temperature=0, logprobs=0), data),
+        SamplingInput(SamplingParams(temperature=0.7, seed=1, logprobs=3), data),
+        SamplingInput(SamplingParams(temperature=0), data),
+        SamplingInput(SamplingParams(temperature=1.0, seed=2, logprobs=20), data),
+    ]
+    out = sample(logits.clone(), rows)
+    ref = logits.log_softmax(-1)
+    assert out.token_ids[0] == int(logits[0].argmax()) and out.token_ids[2] == int(logits[2].argmax())
+    assert out.logprobs[2] is None
+    for i, k in ((0, 0), (1, 3), (3, 20)):
+        chosen_lp, top = out.logprobs[i]
+        assert abs(chosen_lp - ref[i, out.token_ids[i]].item()) < 1e-6
+        assert len(top) == k
+        vals, ids = ref[i].topk(k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
+        assert [t for t, _ in top] == ids.tolist()
+        assert all(abs(v - w) < 1e-6 for (_, v), w in zip(top, vals.tolist()))
