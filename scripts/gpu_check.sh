@@ -44,7 +44,7 @@ echo "bench: rc=$bench_rc; total $(( $(date +%s) - start ))s"
 
 # Engine end to end: random W8G128 weights at the real 2B shapes, built in memory.
 engine_rc=0
-timeout "${ENGINE_TIMEOUT:-120}" "$PY" -m server.engine.bench --random-2b --batches 1,64,256 \
+timeout "${ENGINE_TIMEOUT:-180}" "$PY" -m server.engine.bench --random-2b --batches 1,64,256 \
   --prompt-len 512 --decode-tokens 64 --json "$OUT/engine.json" 2>&1 \
   | tee "$OUT/engine.md" || engine_rc=$?
 echo "engine bench: rc=$engine_rc; total $(( $(date +%s) - start ))s"

@@ -36,6 +36,7 @@ class ServerConfig:
     gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    async_scheduling: bool | None = None  # None: on where the model runs on CUDA
     engine_in_thread: bool = False  # debug: run the engine core in a thread of this process
     # HTTP
     host: str = "127.0.0.1"
@@ -115,6 +116,7 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("dtype", str, "activation dtype", choices=("bfloat16", "float16", "float32")),
     _Flag("device", str, "cuda or cpu (default: cuda when available)"),
     _Flag("enable_prefix_caching", None, "reuse KV blocks of shared prompt prefixes"),
+    _Flag("async_scheduling", None, "schedule the next step while the GPU runs this one (default: on CUDA)"),
     _Flag("enforce_eager", None, "run decode steps eagerly instead of replaying CUDA graphs"),
     _Flag("engine_in_thread", None, "debug: run the engine in a thread instead of a process"),
     _Flag("allowed_media_domains", str, "hosts that http(s) image URLs may name (default: none)", True),

@@ -18,13 +18,18 @@ async def _collect(engine: AsyncEngine, inputs, params) -> list:
     return [d async for d in engine.generate(inputs, params)]
 
 
-def test_stream_cancel_and_engine_death(demo_dir):
-    """One engine process: a streamed request matches the offline LLM; cancelling a stream
-    frees its KV at once; a too-long request is refused; killing the engine makes a pending
-    generate() raise within 5 s and the engine report unhealthy."""
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_stream_cancel_and_engine_death(demo_dir, async_scheduling: bool):
+    """One engine process (sync, or async scheduling as on CUDA): a streamed request matches
+    the offline LLM; cancelling a stream frees its KV at once; a too-long request is refused;
+    killing the engine makes a pending generate() raise within 5 s and the engine report
+    unhealthy."""
 
     async def scenario() -> None:
-        engine = AsyncEngine(EngineArgs(model=str(demo_dir("w8")), device="cpu", max_model_len=256))
+        args = EngineArgs(
+            model=str(demo_dir("w8")), device="cpu", max_model_len=256, async_scheduling=async_scheduling
+        )
+        engine = AsyncEngine(args)
         await engine.start(timeout=120)
         try:
             assert engine.healthy

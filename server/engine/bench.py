@@ -1,9 +1,11 @@
 """Engine benchmark: `python -m server.engine.bench [--model demo | --random-2b] [--json OUT]`.
 
-Reports decode tok/s at several batch sizes, prefill tok/s, and per-step CPU overhead
-(wall time of a step minus the time inside the model forward). On CPU it runs the demo
-model; on a GPU `--random-2b` builds a random-weight W8G128 model at the real 2B shapes in
-memory. Prints a Markdown table and writes JSON.
+Reports prefill tok/s and decode tok/s at several batch sizes in each engine mode: eager
+steps run synchronously with the model forward timed (so per-step CPU overhead = wall time
+minus forward time), then, on CUDA, decode from CUDA graphs synchronously and with async
+scheduling (the default), and a sampled decode (temperature 0.8, top-p 0.95). On CPU it runs
+the demo model; on a GPU `--random-2b` builds a random-weight W8G128 model at the real 2B
+shapes in memory. Prints a Markdown table and writes JSON.
 """
 
 from __future__ import annotations
@@ -23,13 +25,23 @@ from .sampling_params import SamplingParams
 @dataclass
 class Row:
     scenario: str
+    mode: str  # "eager/sync" (timed per forward), "graphs/sync", "graphs/async", "eager/async"
     batch: int
     tokens: int
     seconds: float
     tok_per_s: float
-    model_ms_per_step: float
-    overhead_ms_per_step: float
+    ms_per_step: float
+    model_ms_per_step: float | None  # only in the timed mode: the forwards, synchronized
+    overhead_ms_per_step: float | None  # ... and everything else in a step
     steps: int
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    graphs: bool
+    async_scheduling: bool
+    timed: bool = False
 
 
 def _sync(device: torch.device) -> None:
@@ -37,28 +49,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-class _TimedRunner:
-    """Accumulates time inside the model's forward (hooks, synchronized): everything else
-    in a step (scheduling, batch building, sampling, bookkeeping) is overhead."""
+class _ForwardTimer:
+    """While `active`, accumulates time inside the model's forward (hooks, synchronized):
+    everything else in a step (scheduling, batch building, sampling, bookkeeping) is
+    overhead. Only meaningful for eager sync steps (graph replays bypass the hooks, and the
+    synchronization would defeat async scheduling)."""
 
     def __init__(self, core: EngineCore) -> None:
         self.model_s = 0.0
+        self.active = False
         self._t0 = 0.0
         dev = core.model.device
 
         def pre(*_: object) -> None:
-            _sync(dev)
-            self._t0 = time.perf_counter()
+            if self.active:
+                _sync(dev)
+                self._t0 = time.perf_counter()
 
         def post(*_: object) -> None:
-            _sync(dev)
-            self.model_s += time.perf_counter() - self._t0
+            if self.active:
+                _sync(dev)
+                self.model_s += time.perf_counter() - self._t0
 
         core.model.register_forward_pre_hook(pre)
         core.model.register_forward_hook(post)
 
 
-def _drain(core: EngineCore, timer: _TimedRunner, max_steps: int) -> tuple[int, int, float, float]:
+def _drain(core: EngineCore, timer: _ForwardTimer, max_steps: int) -> tuple[int, int, float, float]:
     """Step until idle; returns (steps, generated tokens, wall s, model s)."""
     steps = gen = 0
     timer.model_s = 0.0
@@ -70,59 +87,101 @@ def _drain(core: EngineCore, timer: _TimedRunner, max_steps: int) -> tuple[int, 
     return steps, gen, time.perf_counter() - t, timer.model_s
 
 
-def run(core: EngineCore, batches: list[int], prompt_len: int, decode_tokens: int) -> list[Row]:
-    timer = _TimedRunner(core)
+def modes_for(core: EngineCore) -> list[Mode]:
+    """The timed eager/sync baseline, then what the device supports up to the default."""
+    modes = [Mode("eager/sync", graphs=False, async_scheduling=False, timed=True)]
+    if core.runner.decode_graphs is not None and core.runner.decode_graphs.capture:
+        modes.append(Mode("graphs/sync", graphs=True, async_scheduling=False))
+        modes.append(Mode("graphs/async", graphs=True, async_scheduling=True))
+    else:
+        modes.append(Mode("eager/async", graphs=False, async_scheduling=True))
+    return modes
+
+
+def run(
+    core: EngineCore,
+    batches: list[int],
+    prompt_len: int,
+    decode_tokens: int,
+    sampled_batch: int | None = None,
+) -> list[Row]:
+    """Prefill, then decode at each batch size in every mode of `modes_for`, then (optionally)
+    a sampled decode (temperature 0.8, top-p 0.95) at `sampled_batch` in the last mode."""
+    timer = _ForwardTimer(core)
+    graphs = core.runner.decode_graphs
     rows: list[Row] = []
     g = torch.Generator().manual_seed(0)
     rid = 0
     cfg = core.model.cfg
     text_vocab = min(cfg.image_token_id, cfg.vision_start_token_id, cfg.video_token_id)  # no special tokens
+    greedy = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
 
-    def add(n: int, plen: int, max_tokens: int) -> None:
+    def add(n: int, plen: int, params: SamplingParams) -> None:
         nonlocal rid
         for _ in range(n):
             ids = torch.randint(10, text_vocab, (plen,), generator=g).tolist()
-            core.add_request(
-                EngineRequest(
-                    f"b{rid}", ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-                )
-            )
+            core.add_request(EngineRequest(f"b{rid}", ids, params))
             rid += 1
 
+    def use(mode: Mode) -> None:
+        core.runner.decode_graphs = graphs if mode.graphs else None
+        core.async_scheduling = mode.async_scheduling
+        timer.active = mode.timed
+
+    def row(scenario: str, mode: Mode, batch: int, steps: int, tokens: int, wall: float, model: float) -> Row:
+        timed = mode.timed and steps
+        return Row(
+            scenario,
+            mode.name,
+            batch,
+            tokens,
+            wall,
+            tokens / wall,
+            1e3 * wall / max(steps, 1),
+            1e3 * model / steps if timed else None,
+            1e3 * (wall - model) / steps if timed else None,
+            steps,
+        )
+
+    modes = modes_for(core)
+    base = modes[0]
+    use(base)
     # warm-up (allocator, kernels' first compile)
-    add(2, prompt_len, 4)
+    add(2, prompt_len, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     _drain(core, timer, 10_000)
 
     # prefill throughput: a batch of prompts, one output token each
     n_prefill = max(1, min(16, core.args.max_num_seqs))
-    add(n_prefill, prompt_len, 1)
+    add(n_prefill, prompt_len, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     steps, _, wall, model = _drain(core, timer, 10_000)
-    toks = n_prefill * prompt_len
-    rows.append(
-        Row(
-            "prefill",
-            n_prefill,
-            toks,
-            wall,
-            toks / wall,
-            1e3 * model / steps,
-            1e3 * (wall - model) / steps,
-            steps,
-        )
-    )
+    rows.append(row("prefill", base, n_prefill, steps, n_prefill * prompt_len, wall, model))
+
+    def decode(scenario: str, mode: Mode, b: int, params: SamplingParams) -> None:
+        use(Mode("prefill", graphs=False, async_scheduling=False))
+        add(b, 16, params)
+        # run the prefill of the batch first (and its first token), then time pure decode steps
+        while any(s.in_prefill for s in core.scheduler.running) or core.scheduler.waiting:
+            core.step()
+        use(mode)
+        steps, gen, wall, model = _drain(core, timer, 100_000)
+        rows.append(row(scenario, mode, b, steps, gen, wall, model))
 
     for b in batches:
         if b > core.args.max_num_seqs:
             continue
-        add(b, 16, decode_tokens)
-        # run the prefill of the batch first, then time pure decode steps
-        while any(s.in_prefill for s in core.scheduler.running) or core.scheduler.waiting:
-            core.step()
-        steps, gen, wall, model = _drain(core, timer, 100_000)
-        rows.append(
-            Row("decode", b, gen, wall, gen / wall, 1e3 * model / steps, 1e3 * (wall - model) / steps, steps)
+        for mode in modes:
+            decode("decode", mode, b, greedy)
+    if sampled_batch and sampled_batch <= core.args.max_num_seqs:
+        sampled = SamplingParams(
+            temperature=0.8, top_p=0.95, seed=0, max_tokens=decode_tokens, ignore_eos=True
         )
+        decode("decode-sampled", modes[-1], sampled_batch, sampled)
+    use(modes[-1])
     return rows
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--sampled-batch", type=int, default=64, help="batch of the sampled decode row (0: none)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -157,16 +217,16 @@ def main(argv: list[str] | None = None) -> None:
         model = random_model(REAL_2B_CONFIG, bits=a.bits, device=device)
         label = f"random-2b-w{a.bits}g128"
     core = EngineCore(args, model=model)
-    rows = run(core, batches, a.prompt_len, a.decode_tokens)
+    rows = run(core, batches, a.prompt_len, a.decode_tokens, sampled_batch=a.sampled_batch)
 
     card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(f"\nengine benchmark: {label} on {device.type} ({card}), torch {torch.__version__}")
-    print("| scenario | batch | tokens | tok/s | model ms/step | overhead ms/step | steps |")
-    print("|---|---|---|---|---|---|---|")
+    print("| scenario | mode | batch | tokens | tok/s | ms/step | model ms/step | overhead ms/step | steps |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r.scenario} | {r.batch} | {r.tokens} | {r.tok_per_s:.1f} | {r.model_ms_per_step:.2f} | "
-            f"{r.overhead_ms_per_step:.2f} | {r.steps} |"
+            f"| {r.scenario} | {r.mode} | {r.batch} | {r.tokens} | {r.tok_per_s:.1f} | {r.ms_per_step:.2f} | "
+            f"{_ms(r.model_ms_per_step)} | {_ms(r.overhead_ms_per_step)} | {r.steps} |"
         )
     if a.json:
         with open(a.json, "w") as f:

@@ -18,10 +18,10 @@ from server.model.qwen3_vl import Qwen3VL, mrope_positions
 
 from .kv_cache import BlockManager, BlockSpans
 from .memory import kv_bytes_per_block, largest_image_grid, profile_memory
-from .runner import ModelRunner, SequenceData
-from .sampler import SamplingInput, sample
+from .runner import ModelRunner, PendingTokens, SequenceData
+from .sampler import PendingSample, SamplingInput, sample_async
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, Sequence, Status
+from .scheduler import Scheduler, SchedulerOutput, Sequence, Status
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class EngineArgs:
     encoder_cache_bytes: int = 256 << 20
     kernel_backend: str = "auto"  # "auto" (Triton on CUDA), "reference", "triton"
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (debugging, profiling)
+    async_scheduling: bool | None = None  # schedule step N+1 while step N runs; None: on CUDA
 
 
 @dataclass
@@ -84,6 +85,15 @@ class EngineStats:
     prefix_cache_hits: int = 0
     step_tokens: int = 0
     vision_runs: int = 0
+
+
+@dataclass
+class _InFlight:
+    """A step whose sampled tokens are still on the device."""
+
+    seqs: list[Sequence]  # one per sampled row
+    sample: PendingSample
+    pending: PendingTokens
 
 
 class RequestRejected(ValueError):
@@ -130,6 +140,10 @@ class EngineCore:
         self.requests: dict[str, list[Sequence]] = {}
         self.eos: dict[str, frozenset[int]] = {}
         self.last_step_tokens = 0
+        self._inflight: _InFlight | None = None
+        # Overlap the host's work with the device's: only worth it where they run in parallel.
+        cuda = model.device.type == "cuda"
+        self.async_scheduling = cuda if args.async_scheduling is None else args.async_scheduling
 
     def _default_num_blocks(self) -> int:
         a = self.args
@@ -217,25 +231,57 @@ class EngineCore:
             self.eos.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # -- the step --------------------------------------------------------------------------
 
     def step(self) -> list[EngineOutput]:
+        """Schedule and launch one step, then return the outputs of the step before it (async
+        scheduling: the device runs this step while the host reads the last one's tokens and
+        books them) or of this one (sync)."""
         sched = self.scheduler.schedule()
         self.last_step_tokens = sched.num_tokens
-        if not sched.chunks:
-            return []
-        logits = self.runner.run(sched.chunks)
-        self.scheduler.after_step(sched)
-        sampling = [s for c, s in zip(sched.chunks, sched.seqs) if c.want_logits]
-        if not sampling:
-            return []
-        rows = [SamplingInput(s.params, s.data, s.index, self.eos[s.request_id]) for s in sampling]
-        result = sample(logits, rows)
+        inflight, self._inflight = self._inflight, None
+        logits = None
+        if sched.chunks:
+            logits = self.runner.run(sched.chunks, inflight.pending if inflight else None)
+        outputs = self._collect(inflight) if inflight else []
+        if sched.chunks:
+            self.scheduler.after_step(sched)  # after _collect: full blocks hash the tokens it adds
+            launched = self._launch_sampling(sched, logits)
+            if launched is not None and self.async_scheduling:
+                self._inflight = launched
+            elif launched is not None:
+                outputs += self._collect(launched)
+        return outputs
+
+    def _launch_sampling(self, sched: SchedulerOutput, logits: torch.Tensor) -> _InFlight | None:
+        """Queue sampling for the chunks that end their sequence's known tokens (rows of
+        sequences finished since scheduling are dropped)."""
+        wanted = [s for c, s in zip(sched.chunks, sched.seqs) if c.want_logits]
+        keep = [i for i, s in enumerate(wanted) if s.status is Status.RUNNING]
+        if not keep:
+            return None
+        if len(keep) < len(wanted):
+            logits = logits[torch.tensor(keep, device=logits.device)]
+        seqs = [wanted[i] for i in keep]
+        rows = [SamplingInput(s.params, s.data, s.index, self.eos[s.request_id]) for s in seqs]
+        pending = sample_async(logits, rows)
+        for seq in seqs:
+            seq.num_pending += 1
+        return _InFlight(
+            seqs, pending, PendingTokens(pending.token_ids, {s.data: i for i, s in enumerate(seqs)})
+        )
+
+    def _collect(self, inflight: _InFlight) -> list[EngineOutput]:
+        """Wait for a launched sample's tokens, append them and decide which sequences end."""
+        result = inflight.sample.result()
         now = time.monotonic()
         outputs = []
-        for seq, tok, lp in zip(sampling, result.token_ids, result.logprobs):
+        for seq, tok, lp in zip(inflight.seqs, result.token_ids, result.logprobs):
+            seq.num_pending -= 1
+            if seq.status is Status.FINISHED:  # aborted or stopped while its token was in flight
+                continue
             seq.data.append(tok)
             out = EngineOutput(seq.request_id, seq.index, [tok], [lp] if lp is not None else None)
             if seq.first_token_time is None:

@@ -67,7 +67,10 @@ class DecodeGraphs:
         self.inputs = torch.zeros((4, n), dtype=torch.long, device=dev)
         self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.long, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.long, device=dev)  # 1 token each
-        self._staging = torch.zeros((4, n), dtype=torch.long, pin_memory=dev.type == "cuda")
+        # Two pinned staging buffers, used in turn: the copy out of one may still be queued
+        # while the next step (async scheduling) fills the other.
+        pin = dev.type == "cuda"
+        self._staging = [torch.zeros((4, n), dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.replays = 0  # steps served (tests and stats)
@@ -139,19 +142,24 @@ class DecodeGraphs:
         slots: list[int],
         seq_lens: list[int],
         tables: list[list[int]],
+        fill: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One decode step of len(ids) sequences; returns their final hidden states [n, H].
+        `fill`: (rows, token ids) already on the device that replace those rows' ids (tokens
+        the previous step sampled and the host has not seen yet).
 
         The result is a view of a static buffer: use it before the next call."""
         n = len(ids)
         size = self.bucket(n)
         assert size is not None and self.can_run(n, max(map(len, tables))), "caller checks can_run"
-        # The pinned staging buffer is reused next step: safe because sampling reads the
-        # tokens back (a sync) before the next step starts.
-        staged = self._staging[:, :size]
+        # A staging buffer is reused two steps later, by when the engine has waited for the
+        # sample queued behind its copy.
+        staged = self._staging[self.replays % 2][:, :size]
         staged[:, :n] = torch.tensor([ids, positions, slots, seq_lens])
         self._pad(staged, n)
         self.inputs[:, :size].copy_(staged, non_blocking=True)
+        if fill is not None:
+            self.inputs[self.IDS].index_copy_(0, *fill)
         width = max(map(len, tables))
         rows = [t + [0] * (width - len(t)) for t in tables]
         # Entries past `width` (and padding rows) keep earlier valid block ids; the kernels read

@@ -74,6 +74,16 @@ class SequenceData:
 
 
 @dataclass
+class PendingTokens:
+    """Tokens sampled on the device by the step still in flight and not yet read back: the
+    token of sequence `data` is `ids[rows[data]]`. A step scheduled meanwhile takes them
+    from there (async scheduling)."""
+
+    ids: torch.Tensor  # [R] long, on the model's device
+    rows: dict[SequenceData, int]
+
+
+@dataclass
 class ScheduledChunk:
     """Tokens [start, end) of `seq` run this step; the first `start` are already cached."""
 
@@ -189,14 +199,16 @@ class ModelRunner:
         return mask, embeds, deep
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Run one step; returns fp32 logits [num chunks wanting logits, vocab] (last token each)."""
+    def run(self, chunks: list[ScheduledChunk], pending: PendingTokens | None = None) -> torch.Tensor:
+        """Run one step; returns fp32 logits [num chunks wanting logits, vocab] (last token each).
+
+        A chunk may end one token past its sequence's known tokens: that token is in `pending`."""
         graphs = self.decode_graphs
         if graphs is not None and _all_decodes(chunks):
             width = max(len(c.block_table) for c in chunks)
             if graphs.can_run(len(chunks), width):
-                return self.model.compute_logits(self._run_decode_graph(graphs, chunks))
-        hidden = self.forward(chunks)
+                return self.model.compute_logits(self._run_decode_graph(graphs, chunks, pending))
+        hidden = self.forward(chunks, pending)
         last, end = [], 0
         for c in chunks:
             end += c.end - c.start
@@ -204,20 +216,27 @@ class ModelRunner:
                 last.append(end - 1)
         return self.model.compute_logits(hidden[torch.tensor(last, dtype=torch.long, device=hidden.device)])
 
-    def _run_decode_graph(self, graphs: DecodeGraphs, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def _run_decode_graph(
+        self, graphs: DecodeGraphs, chunks: list[ScheduledChunk], pending: PendingTokens | None
+    ) -> torch.Tensor:
         bs = self.block_size
         ids, pos, slots, lens, tables = [], [], [], [], []
+        fill = _Fill()
         for c in chunks:
             p = c.start
-            ids.append(c.seq.token_ids[p])
+            if p < len(c.seq.token_ids):
+                ids.append(c.seq.token_ids[p])
+            else:
+                fill.add(len(ids), c.seq, pending)
+                ids.append(0)
             pos.append(p + c.seq.rope_delta)
             slots.append(c.block_table[p // bs] * bs + p % bs)
             lens.append(c.end)
             tables.append(c.block_table)
-        return graphs.run(ids, pos, slots, lens, tables)
+        return graphs.run(ids, pos, slots, lens, tables, fill.tensors(pending, self.model.device))
 
     @torch.inference_mode()
-    def forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def forward(self, chunks: list[ScheduledChunk], pending: PendingTokens | None = None) -> torch.Tensor:
         """Run one step; returns the final hidden state of every scheduled token [T, hidden].
 
         Per-step Python is kept to list appends and one tensor per field: at 2B a decode step
@@ -229,9 +248,13 @@ class ModelRunner:
         pos_parts: list[torch.Tensor] = []
         text_pos: list[int] = []  # run of positions equal on all three M-RoPE axes
         mm_parts: list[tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+        fill = _Fill()
         for c in chunks:
             seq, start, end = c.seq, c.start, c.end
             ids += seq.token_ids[start:end]
+            if end > len(seq.token_ids):  # the last token is still on the device
+                fill.add(len(ids), seq, pending)
+                ids.append(0)
             table = c.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             if start >= seq.num_prompt_tokens:  # generated tokens: t = h = w = index + delta
@@ -270,7 +293,11 @@ class ModelRunner:
                 torch.cat([d for _, (_, _, d) in mm_parts], dim=1),
             )
         positions = pos_parts[0] if len(pos_parts) == 1 else torch.cat(pos_parts, dim=1)
-        return self.model(torch.tensor(ids, device=dev), positions.to(dev), self.kv_caches, meta, mm_embeds)
+        ids_t = torch.tensor(ids, device=dev)
+        filled = fill.tensors(pending, dev)
+        if filled is not None:
+            ids_t.index_copy_(0, *filled)
+        return self.model(ids_t, positions.to(dev), self.kv_caches, meta, mm_embeds)
 
 
 def _all_decodes(chunks: list[ScheduledChunk]) -> bool:
@@ -294,3 +321,26 @@ def _patch_groups(images: list[ProcessedImage], max_patches: int | None) -> list
             groups.append([im])
             size = n
     return groups
+
+
+class _Fill:
+    """Batch positions whose token id comes from the in-flight step's sampled tokens."""
+
+    def __init__(self) -> None:
+        self.positions: list[int] = []
+        self.rows: list[int] = []
+
+    def add(self, position: int, seq: SequenceData, pending: PendingTokens | None) -> None:
+        if pending is None or seq not in pending.rows:
+            raise RuntimeError("a scheduled token is neither known nor pending")
+        self.positions.append(position)
+        self.rows.append(pending.rows[seq])
+
+    def tensors(
+        self, pending: PendingTokens | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(positions, token ids) on the device, for index_copy_ into the input ids."""
+        if not self.positions or pending is None:
+            return None
+        rows = torch.tensor(self.rows, device=device)
+        return torch.tensor(self.positions, device=device), pending.ids.index_select(0, rows)

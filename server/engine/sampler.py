@@ -116,11 +116,54 @@ def _inverse_cdf(probs: torch.Tensor, draws: list[float]) -> torch.Tensor:
     return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingInput]) -> SampleResult:
-    """logits [B, V] fp32 for the next token of each row -> chosen ids (+ logprobs).
+class PendingSample:
+    """A sample launched on the device: `token_ids` stay there (the next step can read them
+    without a round trip); `result()` waits only for this sample's copies to the host, which
+    were queued right behind it, so work queued later keeps running."""
 
-    One device-to-host copy per call (the chosen ids, plus the requested logprobs); every
-    decision that depends only on the parameters is made on the host."""
+    def __init__(
+        self,
+        token_ids: torch.Tensor,
+        logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        want_lp: list[int],
+        top_counts: list[int],
+    ) -> None:
+        self.token_ids = token_ids
+        self._want_lp, self._top_counts = want_lp, top_counts
+        tensors = [token_ids, *(logprobs or ())]
+        self._event: torch.cuda.Event | None = None
+        if token_ids.is_cuda:
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(host, tensors):
+                h.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            tensors = host
+        self._host = tensors
+
+    def result(self) -> SampleResult:
+        if self._event is not None:
+            self._event.synchronize()
+        token_ids = self._host[0].tolist()
+        out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(token_ids)
+        if self._want_lp:
+            picked, top_vals, top_ids = (t.tolist() for t in self._host[1:])
+            for j, i in enumerate(self._want_lp):
+                k = self._top_counts[j]
+                out[i] = (picked[j], list(zip(top_ids[j][:k], top_vals[j][:k])))
+        return SampleResult(token_ids, out)
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingInput]) -> SampleResult:
+    """logits [B, V] fp32 for the next token of each row -> chosen ids (+ logprobs)."""
+    return sample_async(logits, rows).result()
+
+
+def sample_async(logits: torch.Tensor, rows: list[SamplingInput]) -> PendingSample:
+    """Queue the sampling of each row's next token; nothing waits for the device.
+
+    Every decision that depends only on the parameters is made on the host; the device
+    copies back only the chosen ids and the requested logprobs."""
     logits = logits.float()
     want_lp = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     raw_logprobs = logits[want_lp].log_softmax(-1) if want_lp else None
@@ -147,17 +190,10 @@ def sample(logits: torch.Tensor, rows: list[SamplingInput]) -> SampleResult:
             picked = _inverse_cdf(scaled.softmax(-1), _draws(sub))
         chosen = chosen.index_copy(0, torch.tensor(sampled_rows, device=dev), picked)
 
-    token_ids = chosen.tolist()
-    out_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(rows)
+    logprobs = None
+    top_counts = [rows[i].params.logprobs or 0 for i in want_lp]
     if raw_logprobs is not None:
-        picked = raw_logprobs.gather(1, chosen[want_lp][:, None])[:, 0].tolist()
-        k_max = max(rows[i].params.logprobs or 0 for i in want_lp)
-        top_vals: list[list[float]] = [[] for _ in want_lp]
-        top_ids: list[list[int]] = [[] for _ in want_lp]
-        if k_max:
-            vals, idx_top = raw_logprobs.topk(k_max, dim=-1)
-            top_vals, top_ids = vals.tolist(), idx_top.tolist()
-        for j, i in enumerate(want_lp):
-            k = rows[i].params.logprobs or 0
-            out_logprobs[i] = (picked[j], list(zip(top_ids[j][:k], top_vals[j][:k])))
-    return SampleResult(token_ids, out_logprobs)
+        chosen_lp = raw_logprobs.gather(1, chosen[want_lp][:, None])[:, 0]
+        vals, idx = raw_logprobs.topk(max(top_counts), dim=-1)  # k = 0 gives empty rows
+        logprobs = (chosen_lp, vals, idx)
+    return PendingSample(chosen, logprobs, want_lp, top_counts)

@@ -41,12 +41,14 @@ class Sequence:
     scheduled_time: float | None = None  # first admitted (queue time ends)
     first_token_time: float | None = None
     gate: Sequence | None = None  # sibling whose prompt must be computed first (shared prefix)
+    num_pending: int = 0  # sampled on the device by the step in flight, not yet on the host
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
     @property
     def num_tokens(self) -> int:
-        return len(self.data)
+        """Known tokens plus the one still on the device (async scheduling)."""
+        return len(self.data) + self.num_pending
 
     @property
     def num_prompt(self) -> int:
@@ -105,7 +107,7 @@ class Scheduler:
         # 1) decodes of running sequences, oldest first; preempt the newest to make room
         decoding = [s for s in self.running if not s.in_prefill]
         for seq in decoding:
-            if budget <= 0 or seq.status is not Status.RUNNING:
+            if budget <= 0 or seq.status is not Status.RUNNING or self._ends_with_pending(seq):
                 continue
             while self.bm.blocks_needed(seq.num_tokens) > len(seq.block_table):
                 if self.bm.append_block(seq.block_table):
@@ -144,6 +146,8 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())  # sibling waits for the shared prompt
                 continue
             seq.gate = None
+            if seq.num_pending:  # preempted with a token in flight: admitted once it has
+                break  # arrived (next step); FCFS, so nobody behind it goes first
             got = self.bm.allocate_prompt(seq.data.token_ids, seq.spans, reserve=1)
             if got is None:
                 break  # FCFS: nobody jumps the queue when the head does not fit
@@ -175,6 +179,14 @@ class Scheduler:
         )
         seqs.append(seq)
         return budget - (end - seq.num_computed)
+
+    def _ends_with_pending(self, seq: Sequence) -> bool:
+        """The token in flight is the sequence's last (max_tokens or the context length):
+        scheduling it again would compute a token nobody gets."""
+        if not seq.num_pending:
+            return False
+        max_out = seq.params.max_tokens or self.max_model_len
+        return seq.num_tokens - seq.num_prompt >= max_out or seq.num_tokens >= self.max_model_len
 
     def _newest_after(self, seq: Sequence) -> Sequence | None:
         """The newest running sequence admitted after `seq` (the preemption victim), if any."""
