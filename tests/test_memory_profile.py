@@ -22,7 +22,9 @@ MiB = 2**20
 
 
 def test_kv_budget_takes_everything_measured_from_the_utilization_share() -> None:
-    p = MemoryProfile(total=80 * GiB, weights=3 * GiB, peak=7 * GiB, decode_activations=GiB // 2, non_torch=GiB)
+    p = MemoryProfile(
+        total=80 * GiB, weights=3 * GiB, peak=7 * GiB, decode_activations=GiB // 2, non_torch=GiB
+    )
     # 72 GiB allowed - 7 peak - 1 outside torch - 0.5 decode graphs - 0.25 encoder cache
     assert p.kv_budget(0.9, 256 * MiB) == int(80 * GiB * 0.9) - 7 * GiB - GiB - GiB // 2 - 256 * MiB
     per_block = 28 * 2 * 16 * 8 * 128 * 2  # the real 2B model, bf16, block size 16
