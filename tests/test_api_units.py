@@ -51,6 +51,17 @@ def test_env_vars_are_defaults_and_flags_win():
     assert (args.model, args.enable_prefix_caching, args.max_num_seqs) == ("/models/grace", True, 64)
 
 
+def test_engine_mode_flags_reach_the_engine():
+    """--async-scheduling is tri-state (unset: the engine picks, on with CUDA); the
+    environment and the command line both set it and --enforce-eager."""
+    assert parse_config([], env={}).engine_args().async_scheduling is None
+    args = parse_config(["--no-async-scheduling", "--enforce-eager"], env={}).engine_args()
+    assert (args.async_scheduling, args.enforce_eager) == (False, True)
+    env = {"GRACE_SERVE_ASYNC_SCHEDULING": "true", "GRACE_SERVE_ENFORCE_EAGER": "0"}
+    args = parse_config([], env=env).engine_args()
+    assert (args.async_scheduling, args.enforce_eager) == (True, False)
+
+
 def test_defaults_and_help_lists_every_env_var():
     c = parse_config([], env={})
     assert (c.host, c.port, c.model, c.api_keys, c.allowed_media_domains) == (
