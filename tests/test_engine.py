@@ -85,10 +85,16 @@ def test_preemption_keeps_outputs_identical(demo_dir):
     tight = LLM(
         str(demo_dir("w8")), device="cpu", max_model_len=384, num_kv_blocks=24, max_num_batched_tokens=64
     )
-    got = [o.outputs[0].token_ids for o in tight.chat(convs, params)]
+    outs = tight.chat(convs, params)
+    got = [o.outputs[0].token_ids for o in outs]
     assert tight.engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
     assert got == expected
     _assert_all_blocks_released(tight)
+    # prefix-cache stats count each prompt once: a readmitted sequence finding its own
+    # blocks again is not a hit (and its prompt not a new query)
+    stats, roomy_stats = tight.engine.stats(), roomy.engine.stats()
+    assert stats.prefix_cache_queries == sum(len(o.prompt_token_ids) for o in outs)
+    assert stats.prefix_cache_hits == roomy_stats.prefix_cache_hits
 
 
 def test_prefix_cache_hits_shared_prefix_and_image(demo_dir):

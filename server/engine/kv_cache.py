@@ -128,11 +128,12 @@ class BlockManager:
         return found
 
     def allocate_prompt(
-        self, token_ids: list[int], spans: BlockSpans, reserve: int = 0
+        self, token_ids: list[int], spans: BlockSpans, reserve: int = 0, count_stats: bool = True
     ) -> tuple[list[int], int] | None:
         """Blocks for a prompt (+ `reserve` more tokens): reuses cached prefix blocks, leaves at
         least the last prompt token to compute. Returns (block table, cached token count) or
-        None when the pool cannot hold it right now."""
+        None when the pool cannot hold it right now. `count_stats=False`: not a new query (a
+        preempted sequence coming back finds its own blocks, which is no prefix-cache hit)."""
         n = len(token_ids)
         hits = self.lookup_prefix(token_ids, spans, max_blocks=(n - 1) // self.block_size)
         need = self.blocks_needed(n + reserve) - len(hits)
@@ -143,8 +144,9 @@ class BlockManager:
         for bid in hits:
             self._ref(bid)
         table = hits + [self._take_fresh() for _ in range(need)]
-        self.stats.queries += n
-        self.stats.hits += len(hits) * self.block_size
+        if count_stats:
+            self.stats.queries += n
+            self.stats.hits += len(hits) * self.block_size
         return table, len(hits) * self.block_size
 
     def can_append(self, num_blocks: int = 1) -> bool:

@@ -148,7 +148,8 @@ class Scheduler:
             seq.gate = None
             if seq.num_pending:  # preempted with a token in flight: admitted once it has
                 break  # arrived (next step); FCFS, so nobody behind it goes first
-            got = self.bm.allocate_prompt(seq.data.token_ids, seq.spans, reserve=1)
+            first = seq.scheduled_time is None  # not a readmission after preemption
+            got = self.bm.allocate_prompt(seq.data.token_ids, seq.spans, reserve=1, count_stats=first)
             if got is None:
                 break  # FCFS: nobody jumps the queue when the head does not fit
             self.waiting.popleft()
