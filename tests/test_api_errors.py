@@ -102,6 +102,8 @@ CASES = [
     Case("stream is a string", 400, _chat(stream="yes"), param="stream"),
     Case("stop is a number", 400, _chat(stop=5), param="stop"),
     Case("empty stop string", 400, _chat(stop=[""]), param="stop"),
+    Case("17 stop strings (16 allowed)", 400, _chat(stop=[f"s{i}" for i in range(17)]), param="stop"),
+    Case("a 513-character stop string (512 allowed)", 400, _chat(stop=["x" * 513]), param="stop"),
     Case("seed is a string", 400, _chat(seed="abc"), param="seed"),
     Case("top_logprobs > 20", 400, _chat(logprobs=True, top_logprobs=50), param="top_logprobs"),
     Case("top_logprobs without logprobs", 400, _chat(top_logprobs=2), param="top_logprobs"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 512
 
 
 @dataclass
@@ -60,6 +62,13 @@ class SamplingParams:
                 f"must be between 0 and {MAX_LOGPROBS}",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
+            # bounded: each generated chunk is matched against every stop string
+            (len(self.stop) <= MAX_STOP_STRINGS, "stop", f"must have at most {MAX_STOP_STRINGS} strings"),
+            (
+                all(len(s) <= MAX_STOP_CHARS for s in self.stop if isinstance(s, str)),
+                "stop",
+                f"strings must be at most {MAX_STOP_CHARS} characters",
+            ),
             (
                 all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                 "stop_token_ids",
@@ -68,7 +77,9 @@ class SamplingParams:
         ]
         for ok, name, why in checks:
             if not ok:
-                raise ValueError(f"{name} {why} (got {getattr(self, name)!r})")
+                got = repr(getattr(self, name))
+                got = got if len(got) <= 120 else got[:117] + "..."
+                raise ValueError(f"{name} {why} (got {got})")
 
     @property
     def greedy(self) -> bool:
