@@ -137,18 +137,27 @@ def test_steps_the_static_path_cannot_take_run_eagerly(demo_dir) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_decode_equals_eager_on_gpu(demo_dir) -> None:
-    """Captured graphs (the default on CUDA) give the eager engine's greedy tokens for 7
-    concurrent requests in fp32, and served the decode steps."""
+def test_cuda_graphs_and_async_scheduling_equal_eager_sync_on_gpu(demo_dir) -> None:
+    """The CUDA defaults (captured decode graphs + async scheduling) give the eager, sync
+    engine's tokens for 7 concurrent requests in fp32, greedy and seeded-sampled, and the
+    graphs served the decode steps."""
     path = str(demo_dir("w8"))
     kw = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64)
-    eager = LLM(path, enforce_eager=True, **kw)
-    graphed = LLM(path, **kw)
-    graphs = graphed.engine.runner.decode_graphs
+    baseline = LLM(path, enforce_eager=True, async_scheduling=False, **kw)
+    default = LLM(path, **kw)
+    assert default.engine.async_scheduling
+    graphs = default.engine.runner.decode_graphs
     assert graphs is not None and graphs.capture and len(graphs.graphs) == len(graphs.sizes)
-    params = [SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True) for i in range(7)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True)
+        if i % 2
+        else SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=4 + 3 * i, ignore_eos=True)
+        for i in range(7)
+    ]
     convs = _prompts(7)
-    want = [o.outputs[0].token_ids for o in eager.chat(convs, params)]
-    got = [o.outputs[0].token_ids for o in graphed.chat(convs, params)]
+    want = [o.outputs[0].token_ids for o in baseline.chat(convs, params)]
+    got = [o.outputs[0].token_ids for o in default.chat(convs, params)]
     assert got == want
     assert graphs.replays >= 20
+    default.engine.block_manager.check_invariants()
+    assert default.engine.block_manager.num_used == 0
