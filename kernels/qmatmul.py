@@ -46,7 +46,16 @@ import triton.language as tl  # isort: skip
 
 from kernels.quant import QuantizedWeight
 
-__all__ = ["SUPPORTED_DTYPES", "Plan", "candidates", "clear_buffers", "qmatmul", "run_plan", "tuner"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "Plan",
+    "candidates",
+    "clear_buffers",
+    "qmatmul",
+    "reserve_dequant_buffer",
+    "run_plan",
+    "tuner",
+]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -396,8 +405,15 @@ def _dequant_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> tor
     return buf[:numel]
 
 
+def reserve_dequant_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Grow the scratch buffer to ``numel`` now. Call it with the largest weight before
+    capturing CUDA graphs: a graph keeps the buffer's address, so it must never be replaced
+    (grown or cleared) afterwards."""
+    _dequant_buffer(numel, dtype, device)
+
+
 def clear_buffers() -> None:
-    """Free the dequantization scratch buffers."""
+    """Free the dequantization scratch buffers (never while CUDA graphs that use them live)."""
     _buffers.clear()
 
 

@@ -342,6 +342,24 @@ def test_encoder_cache_eviction_during_a_request_is_safe(demo_dir):
     assert got == roomy.chat(both, params)[0].outputs[0].token_ids
 
 
+def test_chunks_encode_only_the_images_they_overlap(demo_dir, oracle):
+    """Four images in one prompt, prefilled in 8-token chunks with a one-entry encoder
+    cache: each image runs through the vision tower once (a chunk encodes only the images it
+    overlaps, and an image split across chunks stays cached), and the greedy output equals
+    transformers'."""
+    path = str(demo_dir("w8"))
+    images = [_image(64, 96, 31), _image(40, 120, 32), _image(96, 64, 33), _image(56, 56, 34)]
+    content = [{"type": "image"}, {"type": "text", "text": "and"}] * 4 + [{"type": "text", "text": "compare"}]
+    messages = [{"role": "user", "content": content}]
+    llm = LLM(path, device="cpu", max_model_len=1024, max_num_batched_tokens=8, encoder_cache_bytes=1)
+    out = llm.chat(with_inline_images(messages, images), SamplingParams(temperature=0, max_tokens=8))[0]
+    assert llm.engine.runner.vision_runs == 4
+    assert len(out.prompt_token_ids) > 6 * 8, "the prompt should need many chunks"
+    eos = llm.processor.eos_token_ids
+    assert out.outputs[0].token_ids == _reference_greedy(oracle, messages, images, 8, eos)
+    _assert_all_blocks_released(llm)
+
+
 def test_tiny_temperature_is_greedy(w8_llm):
     """temperature 1e-40 would overflow logits / t (NaN probabilities): it is treated as greedy."""
     msg = [{"role": "user", "content": "a small blue bird"}]

@@ -54,9 +54,18 @@ def test_largest_image_grid_bounds_every_processed_image() -> None:
     for height, width in [(8000, 8000), (4096, 4097), (30000, 150), (150, 30000), (640, 480), (5000, 3000)]:
         rh, rw = smart_resize(height, width, unit, s.min_pixels, s.max_pixels)
         assert (rh // s.patch_size) * (rw // s.patch_size) <= h * w, (height, width)
-    # an explicit context length smaller than the largest image's tokens shrinks the grid
+    # a max_pixels that is no square of the 32-pixel unit: 1e6 // 1024 = 976 tokens at most
+    # (e.g. 16 x 61 units); a square grid of side isqrt would hold only 31 x 31 = 961
+    odd = ImageSettings(max_pixels=1_000_000)
+    t, h, w = largest_image_grid(odd)
+    assert h * w // 4 >= 976 and h % 2 == 0 and w % 2 == 0
+    for height, width in [(1000, 1000), (512, 1953), (1953, 512), (16 * 32, 61 * 32), (3000, 300)]:
+        rh, rw = smart_resize(height, width, unit, odd.min_pixels, odd.max_pixels)
+        assert (rh // odd.patch_size) * (rw // odd.patch_size) <= h * w, (height, width)
+    # an explicit context length smaller than the largest image's tokens bounds the grid:
+    # at least max_model_len - 1 tokens (an image that still leaves one text token)
     t, h, w = _largest_image_grid(s, 2, max_model_len=1000)
-    assert h * w // 4 < 1000 and h * w // 4 >= 900
+    assert 999 <= h * w // 4 < 1000 + 32
     assert _largest_image_grid(s, 2, max_model_len=100_000) == (1, 256, 256)
 
 
@@ -75,6 +84,82 @@ def test_profile_step_runs_the_largest_step(demo_dir) -> None:
     calls.clear()
     profile_step(model, 4, 8, 16, None)  # budget below max_num_seqs: every sequence gets a token
     assert calls == [8, 8]
+
+
+class _FakeAllocator:
+    """torch.cuda's allocator statistics, driven by the fakes below (MiB)."""
+
+    def __init__(self, start: int) -> None:
+        self.current = self.peak = start
+
+    def add(self, n: int) -> None:
+        self.current += n
+        self.peak = max(self.peak, self.current)
+
+    def reset_peak(self, *_: object) -> None:
+        self.peak = self.current
+
+
+@pytest.mark.parametrize(
+    ("vision", "prefill", "sampling"),
+    [(2000, 150, 400), (100, 900, 50), (100, 150, 1200)],  # each phase the largest once
+)
+def test_profile_step_peak_excludes_only_the_temporary_kv(monkeypatch, vision, prefill, sampling) -> None:
+    """Whichever phase peaks (vision tower before the temporary KV cache exists, prefill or
+    sampling after), the step peak is the true peak of the step without that KV cache, and
+    the decode figure is the decode forward's own activations. Fake CUDA allocator."""
+    import types
+
+    from server.engine import memory
+
+    weights, feats, kv_per_block, decode = 4000, 256, 2, 60
+    alloc = _FakeAllocator(weights)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", alloc.reset_peak)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *_: alloc.peak)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *_: alloc.current)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *_: None)
+
+    class Model:
+        device = types.SimpleNamespace(type="cuda")
+        cfg = types.SimpleNamespace(
+            vision=types.SimpleNamespace(in_channels=3, temporal_patch_size=2, patch_size=2),
+            image_token_id=10**6,
+            vision_start_token_id=10**6,
+        )
+
+        def encode_images(self, pixels, grids):
+            alloc.add(vision + feats)
+            alloc.add(-vision)
+            return ["features"]
+
+    kv = {}
+
+    class Runner:
+        def __init__(self, model, num_blocks, block_size, encoder_cache_bytes=0):
+            kv["bytes"] = num_blocks * kv_per_block
+            alloc.add(kv["bytes"])
+
+        def run(self, chunks):
+            alloc.add(prefill)
+            alloc.add(-prefill)
+            return torch.zeros(len(chunks), 8)
+
+        def forward(self, chunks):
+            alloc.add(decode)
+            alloc.add(-decode)
+
+    def fake_sample(logits, rows):
+        alloc.add(sampling)
+        alloc.add(-sampling)
+
+    monkeypatch.setattr(memory, "ModelRunner", Runner)
+    monkeypatch.setattr(memory, "sample", fake_sample)
+    monkeypatch.setattr(memory, "kv_bytes_per_block", lambda model, bs: kv_per_block)
+    step_peak, decode_peak = memory.profile_step(Model(), 2048, 64, 16, (1, 4, 4))
+    want = weights + max(vision + feats, feats + prefill, feats + sampling)
+    assert step_peak == want
+    assert decode_peak == decode
+    assert kv["bytes"] > 0
 
 
 def test_vision_tower_runs_in_groups_under_the_patch_limit(demo_dir) -> None:

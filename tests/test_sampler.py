@@ -86,6 +86,30 @@ def test_seeded_rows_do_not_depend_on_the_batch_and_unseeded_vary() -> None:
     assert len(set(sample(logits.expand(20, -1).clone(), free).token_ids)) > 5
 
 
+def test_seeded_row_ignores_batch_mates_with_other_filters() -> None:
+    """A seeded row's token is the same alone and next to rows using top-k / top-p / min-p
+    (or none): which path samples a row depends only on its own parameters."""
+    logits = torch.randn(4, 2000, generator=torch.Generator().manual_seed(9))
+    data = SequenceData.from_prompt([1, 2], [], torch.zeros(3, 2, dtype=torch.long), 0)
+    plain = SamplingInput(SamplingParams(temperature=1.0, seed=5), data)
+    nucleus = SamplingInput(SamplingParams(temperature=1.0, seed=6, top_p=0.8), data)
+    mates = [
+        SamplingInput(SamplingParams(temperature=0.7, seed=1, top_k=5), data),
+        SamplingInput(SamplingParams(temperature=0), data),
+        SamplingInput(SamplingParams(temperature=1.3, seed=2, min_p=0.1), data),
+    ]
+    for seed in range(40):  # many draws: a path switch would change most of them
+        plain.params.seed, nucleus.params.seed = seed, 1000 + seed
+        alone = [
+            sample(logits[:1].clone(), [plain]).token_ids[0],
+            sample(logits[1:2].clone(), [nucleus]).token_ids[0],
+        ]
+        mixed = sample(logits.clone(), [plain, nucleus, mates[0], mates[2]]).token_ids
+        assert mixed[:2] == alone, seed
+        mixed = sample(logits[[0, 1, 2]].clone(), [plain, nucleus, mates[1]]).token_ids
+        assert mixed[:2] == alone, seed
+
+
 def test_logprobs_per_row_count_and_values() -> None:
     """Rows ask 0, 3, none and 20 alternatives; each gets exactly that, in order, with the
     log-softmax values of the raw logits; greedy and sampled rows mixed."""

@@ -17,11 +17,12 @@ from server.model.loader import load_model
 from server.model.qwen3_vl import Qwen3VL, mrope_positions
 
 from .kv_cache import BlockManager, BlockSpans
-from .memory import kv_bytes_per_block, largest_image_grid, profile_memory
+from .memory import MemoryProfile, grid_for_tokens, kv_bytes_per_block, largest_image_grid, profile_memory
 from .runner import ModelRunner, PendingTokens, SequenceData
 from .sampler import PendingSample, SamplingInput, sample_async
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, Sequence, Status
+from .transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class EngineCore:
         self.merge_size = cfg.vision.spatial_merge_size
         self.max_model_len = args.max_model_len or cfg.text.max_position_embeddings
         self.largest_image_grid = _largest_image_grid(image_settings, self.merge_size, args.max_model_len)
+        self.memory_profile: MemoryProfile | None = None  # set when the KV pool is sized on CUDA
         num_blocks = args.num_kv_blocks or self._default_num_blocks()
         capacity = num_blocks * args.block_size
         if self.max_model_len > capacity:
@@ -132,7 +134,11 @@ class EngineCore:
         grid = self.largest_image_grid
         self.runner.max_encode_patches = grid[0] * grid[1] * grid[2]  # never above the profiled peak
         if model.device.type == "cuda" and not args.enforce_eager:
-            self.runner.enable_decode_graphs(args.max_num_seqs, self.max_model_len)
+            if args.kernel_backend == "reference":  # its torch kernels read device values
+                log.info("decode runs eagerly: CUDA graphs need the Triton kernels")
+            else:
+                self.runner.enable_decode_graphs(args.max_num_seqs, self.max_model_len)
+                self._check_graph_memory()
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len
@@ -153,12 +159,23 @@ class EngineCore:
         per_seq = math.ceil(min(self.max_model_len, 4096) / a.block_size)
         return max(per_seq, min(per_seq * a.max_num_seqs, 4096))
 
+    def _check_graph_memory(self) -> None:
+        graphs, profile = self.runner.decode_graphs, self.memory_profile
+        if graphs is not None and profile is not None and graphs.memory > profile.decode_activations:
+            log.warning(
+                "the decode CUDA graphs took %.0f MiB, %.0f MiB more than the KV sizing set aside; "
+                "lower gpu_memory_utilization if steps run out of memory",
+                graphs.memory / 2**20,
+                (graphs.memory - profile.decode_activations) / 2**20,
+            )
+
     def _blocks_from_profile(self) -> int:
         """KV blocks that fit in gpu_memory_utilization x total after a profiling step."""
         a = self.args
         profile = profile_memory(
             self.model, a.max_num_batched_tokens, a.max_num_seqs, a.block_size, self.largest_image_grid
         )
+        self.memory_profile = profile
         return profile.num_blocks(
             a.gpu_memory_utilization, a.encoder_cache_bytes, kv_bytes_per_block(self.model, a.block_size)
         )
@@ -263,7 +280,7 @@ class EngineCore:
         if not keep:
             return None
         if len(keep) < len(wanted):
-            logits = logits[torch.tensor(keep, device=logits.device)]
+            logits = logits.index_select(0, to_device(keep, logits.device, torch.long))
         seqs = [wanted[i] for i in keep]
         rows = [SamplingInput(s.params, s.data, s.index, self.eos[s.request_id]) for s in seqs]
         pending = sample_async(logits, rows)
@@ -352,9 +369,8 @@ def _largest_image_grid(
     settings: ImageSettings, merge_size: int, max_model_len: int | None
 ) -> tuple[int, int, int]:
     """The largest image a request can bring: the processor's maximum, or what fits in an
-    explicit max_model_len."""
-    t, h, w = largest_image_grid(settings)
-    if max_model_len is not None and h * w // merge_size**2 >= max_model_len:
-        side = math.isqrt(max(1, max_model_len - 1)) * merge_size
-        h = w = max(merge_size, side)
-    return (t, h, w)
+    explicit max_model_len (at least one text token besides the image)."""
+    grid = largest_image_grid(settings)
+    if max_model_len is not None and grid[1] * grid[2] // merge_size**2 >= max_model_len:
+        grid = grid_for_tokens(max(1, max_model_len - 1), merge_size)
+    return grid

@@ -74,6 +74,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.replays = 0  # steps served (tests and stats)
+        self.memory = 0  # bytes the captured graphs took (CUDA)
 
     def bucket(self, n: int) -> int | None:
         """The smallest batch size with room for n decodes (None: run eagerly)."""
@@ -108,30 +109,41 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture_all(self) -> None:
-        """Warm up (compiles kernels, times qmatmul plans) and capture every size, largest
-        first so the smaller graphs reuse the largest one's memory pool."""
+        """Warm every size up (compiles kernels, times qmatmul plans), release what the
+        warm-ups cached, then capture, largest first so the smaller graphs reuse the largest
+        one's memory pool."""
         if not self.capture:
             return
+        from kernels.qmatmul import reserve_dequant_buffer
+
         t0 = time.perf_counter()
-        free_before = torch.cuda.mem_get_info()[0]
         self._pad(self.inputs, 0)
+        # The dequant scratch buffer's address is baked into any graph that uses it: grow it
+        # to the largest weight now so no later step replaces it.
+        quantized = [lin.qweight for lin in self.model.linears() if lin.qweight is not None]
+        largest = max((q.out_features * q.in_features for q in quantized), default=0)
+        if largest:
+            reserve_dequant_buffer(largest, self.model.dtype, self.model.device)
+        for size in reversed(self.sizes):
+            self._forward(size)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the graphs' private pool cannot reuse the normal pool's cache
+        free_before = torch.cuda.mem_get_info()[0]
         pool = None
         for size in reversed(self.sizes):
-            self._forward(size)  # eager warm-up: Triton compile + qmatmul tuning for this M
-            torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[size] = self._forward(size)
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()
-        used = free_before - torch.cuda.mem_get_info()[0]
+        self.memory = free_before - torch.cuda.mem_get_info()[0]
         log.info(
             "captured %d decode CUDA graphs (batch 1..%d) in %.1f s, %.0f MiB",
             len(self.graphs),
             self.max_batch,
             time.perf_counter() - t0,
-            used / 2**20,
+            self.memory / 2**20,
         )
 
     @torch.inference_mode()
@@ -164,9 +176,16 @@ class DecodeGraphs:
         rows = [t + [0] * (width - len(t)) for t in tables]
         # Entries past `width` (and padding rows) keep earlier valid block ids; the kernels read
         # only the blocks a row's seq_len covers.
-        self.block_tables[:n, :width].copy_(torch.tensor(rows), non_blocking=True)
+        self.block_tables[:n, :width].copy_(_pinned(rows), non_blocking=True)
         self.replays += 1
         if self.capture:
             self.graphs[size].replay()
             return self.outputs[size][:n]
         return self._forward(size)[:n]
+
+
+def _pinned(rows: list[list[int]]) -> torch.Tensor:
+    """A host tensor a non-blocking copy can read without syncing the stream (pageable
+    memory would sync it); on a CPU-only build pinning is not available nor needed."""
+    t = torch.tensor(rows, dtype=torch.long)
+    return t.pin_memory() if torch.cuda.is_available() else t

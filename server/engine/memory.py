@@ -63,11 +63,19 @@ class MemoryProfile:
         return blocks
 
 
+def grid_for_tokens(tokens: int, merge_size: int) -> tuple[int, int, int]:
+    """(t, h, w) in patches of an about-square image with at least `tokens` merged tokens
+    (a x b >= tokens, a = isqrt(tokens)): any image with that many tokens costs no more."""
+    a = max(1, math.isqrt(tokens))
+    b = -(-tokens // a)
+    return (1, a * merge_size, b * merge_size)
+
+
 def largest_image_grid(settings: ImageSettings) -> tuple[int, int, int]:
-    """(t, h, w) in patches of the largest image the processor can produce (about square)."""
-    unit = settings.patch_size * settings.merge_size  # h, w are multiples of merge_size patches
-    side = math.isqrt(settings.max_pixels) // unit * settings.merge_size
-    return (1, side, side)
+    """(t, h, w) in patches bounding the largest image the processor can produce: its area is
+    at most max_pixels, its sides multiples of patch_size x merge_size."""
+    unit = settings.patch_size * settings.merge_size
+    return grid_for_tokens(settings.max_pixels // unit**2, settings.merge_size)
 
 
 @torch.inference_mode()
@@ -86,11 +94,16 @@ def profile_step(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     feats = None
+    vision_peak = 0
     if image_grid is not None:  # kept alive through the text step, as a cached image would be
         v = model.cfg.vision
         rows = image_grid[0] * image_grid[1] * image_grid[2]
         pixels = torch.randn(rows, v.in_channels * v.temporal_patch_size * v.patch_size**2)
         feats = model.encode_images(pixels, [image_grid])
+        if cuda:  # measured before the temporary KV cache exists
+            torch.cuda.synchronize()
+            vision_peak = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
     tokens = max(max_num_batched_tokens, max_num_seqs)
     n_seqs = min(max_num_seqs, tokens)
     lengths = [tokens // n_seqs + (i < tokens % n_seqs) for i in range(n_seqs)]
@@ -120,7 +133,7 @@ def profile_step(
     step_peak = decode_peak = 0
     if cuda:
         torch.cuda.synchronize()
-        step_peak = torch.cuda.max_memory_allocated() - kv_bytes
+        step_peak = max(vision_peak, torch.cuda.max_memory_allocated() - kv_bytes)
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     for s in seqs:  # decode: one new token per sequence over its whole context

@@ -18,6 +18,7 @@ from server.model.layers import AttentionMetadata
 from server.model.qwen3_vl import ImageFeatures, MultimodalEmbeds, Qwen3VL
 
 from .cuda_graphs import DecodeGraphs
+from .transfer import to_device
 
 
 @dataclass(eq=False)
@@ -31,6 +32,7 @@ class SequenceData:
     mrope_positions: torch.Tensor  # [3, num_prompt_tokens]
     rope_delta: int
     _image_mask: torch.Tensor | None = None
+    _image_spans: list[tuple[int, int]] | None = None
 
     @classmethod
     def from_prompt(
@@ -55,6 +57,17 @@ class SequenceData:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def image_spans(self, image_token_id: int) -> list[tuple[int, int]]:
+        """Prompt positions [start, end) of each image's tokens, in image order."""
+        if self._image_spans is None:
+            where = self.image_mask(image_token_id).nonzero().flatten().tolist()
+            spans, i = [], 0
+            for im in self.images:
+                spans.append((where[i], where[i + im.num_tokens - 1] + 1))
+                i += im.num_tokens
+            self._image_spans = spans
+        return self._image_spans
 
     def image_mask(self, image_token_id: int) -> torch.Tensor:
         """bool [num_prompt_tokens]: which prompt positions are image tokens (computed once)."""
@@ -180,22 +193,27 @@ class ModelRunner:
         return [found[im.content_hash] for im in images]
 
     def _mm_rows(self, chunk: ScheduledChunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Image-token mask of the chunk and the feature rows (main + deepstack) inside it."""
+        """Image-token mask of the chunk and the feature rows (main + deepstack) inside it.
+        Only the images the chunk overlaps are encoded (or taken from the encoder cache)."""
         seq = chunk.seq
         n_prompt = seq.num_prompt_tokens
         if not seq.images or chunk.start >= n_prompt:
             return None
-        is_img = seq.image_mask(self.model.cfg.image_token_id)
-        end = min(chunk.end, n_prompt)
-        before = int(is_img[: chunk.start].sum())
-        inside = int(is_img[chunk.start : end].sum())
-        if inside == 0:
+        start, end = chunk.start, min(chunk.end, n_prompt)
+        image_token_id = self.model.cfg.image_token_id
+        inside = [
+            (im, s, e)
+            for im, (s, e) in zip(seq.images, seq.image_spans(image_token_id))
+            if s < end and e > start
+        ]
+        if not inside:
             return None
-        feats = self.image_features(seq.images)
-        embeds = torch.cat([f.embeds for f in feats])[before : before + inside]
-        deep = torch.cat([f.deepstack for f in feats], dim=1)[:, before : before + inside]
+        feats = self.image_features([im for im, _, _ in inside])
+        cuts = [(max(start, s) - s, min(end, e) - s) for _, s, e in inside]
+        embeds = torch.cat([f.embeds[a:b] for f, (a, b) in zip(feats, cuts)])
+        deep = torch.cat([f.deepstack[:, a:b] for f, (a, b) in zip(feats, cuts)], dim=1)
         mask = torch.zeros(chunk.end - chunk.start, dtype=torch.bool)
-        mask[: end - chunk.start] = is_img[chunk.start : end]
+        mask[: end - start] = seq.image_mask(image_token_id)[start:end]
         return mask, embeds, deep
 
     @torch.inference_mode()
@@ -214,7 +232,7 @@ class ModelRunner:
             end += c.end - c.start
             if c.want_logits:
                 last.append(end - 1)
-        return self.model.compute_logits(hidden[torch.tensor(last, dtype=torch.long, device=hidden.device)])
+        return self.model.compute_logits(hidden.index_select(0, to_device(last, hidden.device, torch.long)))
 
     def _run_decode_graph(
         self, graphs: DecodeGraphs, chunks: list[ScheduledChunk], pending: PendingTokens | None
@@ -275,10 +293,10 @@ class ModelRunner:
         width = max(len(c.block_table) for c in chunks)
         tables = [c.block_table + [0] * (width - len(c.block_table)) for c in chunks]
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=dev),
-            block_tables=torch.tensor(tables, device=dev),
-            seq_lens=torch.tensor(seq_lens, device=dev),
-            query_start_loc=torch.tensor(q_loc, device=dev),
+            slot_mapping=to_device(slots, dev, torch.long),
+            block_tables=to_device(tables, dev, torch.long),
+            seq_lens=to_device(seq_lens, dev, torch.long),
+            query_start_loc=to_device(q_loc, dev, torch.long),
             max_query_len=max(c.end - c.start for c in chunks),
             max_seq_len=max(seq_lens),
         )
@@ -288,16 +306,16 @@ class ModelRunner:
             for offset, (m, _, _) in mm_parts:
                 mask[offset : offset + m.numel()] = m
             mm_embeds = MultimodalEmbeds(
-                mask.to(dev),
+                to_device(mask, dev),
                 torch.cat([e for _, (_, e, _) in mm_parts]),
                 torch.cat([d for _, (_, _, d) in mm_parts], dim=1),
             )
         positions = pos_parts[0] if len(pos_parts) == 1 else torch.cat(pos_parts, dim=1)
-        ids_t = torch.tensor(ids, device=dev)
+        ids_t = to_device(ids, dev, torch.long)
         filled = fill.tensors(pending, dev)
         if filled is not None:
             ids_t.index_copy_(0, *filled)
-        return self.model(ids_t, positions.to(dev), self.kv_caches, meta, mm_embeds)
+        return self.model(ids_t, to_device(positions, dev, torch.long), self.kv_caches, meta, mm_embeds)
 
 
 def _all_decodes(chunks: list[ScheduledChunk]) -> bool:
@@ -342,5 +360,5 @@ class _Fill:
         """(positions, token ids) on the device, for index_copy_ into the input ids."""
         if not self.positions or pending is None:
             return None
-        rows = torch.tensor(self.rows, device=device)
-        return torch.tensor(self.positions, device=device), pending.ids.index_select(0, rows)
+        rows = to_device(self.rows, device, torch.long)
+        return to_device(self.positions, device, torch.long), pending.ids.index_select(0, rows)

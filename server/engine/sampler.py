@@ -15,6 +15,7 @@ import torch
 
 from .runner import SequenceData
 from .sampling_params import SamplingParams
+from .transfer import to_device
 
 _MASK64 = (1 << 64) - 1
 GREEDY_BELOW = 1e-5
@@ -63,16 +64,19 @@ def _penalized(r: SamplingInput) -> bool:
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingInput]) -> torch.Tensor:
     """Repetition (prompt + output), frequency and presence (output) penalties, as in vLLM."""
-    vocab = logits.shape[-1]
+    vocab, dev = logits.shape[-1], logits.device
     for i, r in enumerate(rows):
         p = r.params
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(r.data.token_ids)), dtype=torch.long)
-            seen = seen[seen < vocab].to(logits.device)
+            seen = to_device(sorted(t for t in set(r.data.token_ids) if t < vocab), dev, torch.long)
             vals = logits[i, seen]
             logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if (p.frequency_penalty or p.presence_penalty) and r.data.num_output_tokens:
-            counts = torch.bincount(torch.tensor(r.data.output_token_ids), minlength=vocab)[:vocab].to(logits)
+            out_ids = to_device([t for t in r.data.output_token_ids if t < vocab], dev, torch.long)
+            # scatter_add, not bincount: bincount reads the largest id back to size its output
+            counts = torch.zeros_like(logits[i]).scatter_add_(
+                0, out_ids, torch.ones_like(out_ids, dtype=logits.dtype)
+            )
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits)
     return logits
 
@@ -112,7 +116,7 @@ def _inverse_cdf(probs: torch.Tensor, draws: list[float]) -> torch.Tensor:
     total. fp64 running sums keep the rounding far below any probability worth sampling;
     zero-probability tokens can never be chosen."""
     cdf = probs.double().cumsum(-1)
-    u = torch.tensor(draws, dtype=torch.float64, device=probs.device) * cdf[:, -1]
+    u = to_device(draws, probs.device, torch.float64) * cdf[:, -1]
     return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
@@ -159,41 +163,58 @@ def sample(logits: torch.Tensor, rows: list[SamplingInput]) -> SampleResult:
     return sample_async(logits, rows).result()
 
 
+def _filtered(p: SamplingParams) -> bool:
+    return p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
+
+
+def _sample_rows(logits: torch.Tensor, rows: list[SamplingInput], filtered: bool) -> torch.Tensor:
+    """Sampled token per row (all rows alike: filtered or not). The path a row takes depends
+    only on its own parameters, so a seeded row gets the same token whatever its batch-mates."""
+    dev = logits.device
+    temps = to_device([r.params.temperature for r in rows], dev, torch.float32)
+    scaled = logits / temps[:, None]
+    if not filtered:
+        return _inverse_cdf(scaled.softmax(-1), _draws(rows))
+    top_k = to_device([r.params.top_k for r in rows], dev, torch.long)
+    top_p = to_device([r.params.top_p for r in rows], dev, torch.float32)
+    min_p = to_device([r.params.min_p for r in rows], dev, torch.float32)
+    probs, order = _filtered_sorted_probs(scaled, top_k, top_p, min_p)
+    return order.gather(1, _inverse_cdf(probs, _draws(rows))[:, None])[:, 0]
+
+
 def sample_async(logits: torch.Tensor, rows: list[SamplingInput]) -> PendingSample:
     """Queue the sampling of each row's next token; nothing waits for the device.
 
-    Every decision that depends only on the parameters is made on the host; the device
-    copies back only the chosen ids and the requested logprobs."""
+    Every decision that depends only on the parameters is made on the host, and host data
+    reaches the device through non-blocking copies; the device copies back only the chosen
+    ids and the requested logprobs."""
     logits = logits.float()
+    dev = logits.device
+    vocab = logits.shape[-1]
     want_lp = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-    raw_logprobs = logits[want_lp].log_softmax(-1) if want_lp else None
+    want_lp_idx = to_device(want_lp, dev, torch.long) if want_lp else None
+    raw_logprobs = logits.index_select(0, want_lp_idx).log_softmax(-1) if want_lp_idx is not None else None
     if any(_penalized(r) or r.params.min_tokens for r in rows):
         logits = apply_penalties(logits.clone(), rows)  # the caller's logits stay as they were
     for i, r in enumerate(rows):  # min_tokens: no stopping token before the minimum
         if r.params.min_tokens and r.data.num_output_tokens < r.params.min_tokens and r.stop_token_ids:
-            ids = torch.tensor(sorted(r.stop_token_ids), device=logits.device)
-            logits[i, ids[ids < logits.shape[-1]]] = float("-inf")
+            ids = to_device(sorted(t for t in r.stop_token_ids if t < vocab), dev, torch.long)
+            logits[i, ids] = float("-inf")
 
-    dev = logits.device
     chosen = logits.argmax(-1)
-    sampled_rows = [i for i, r in enumerate(rows) if r.params.temperature >= GREEDY_BELOW]
-    if sampled_rows:  # tiny temperatures overflow logits / t: those rows stay greedy
-        sub = [rows[i] for i in sampled_rows]
-        scaled = logits[sampled_rows] / torch.tensor([r.params.temperature for r in sub], device=dev)[:, None]
-        if any(r.params.top_k > 0 or r.params.top_p < 1.0 or r.params.min_p > 0.0 for r in sub):
-            top_k = torch.tensor([r.params.top_k for r in sub], device=dev)
-            top_p = torch.tensor([r.params.top_p for r in sub], device=dev)
-            min_p = torch.tensor([r.params.min_p for r in sub], device=dev)
-            probs, order = _filtered_sorted_probs(scaled, top_k, top_p, min_p)
-            picked = order.gather(1, _inverse_cdf(probs, _draws(sub))[:, None])[:, 0]
-        else:
-            picked = _inverse_cdf(scaled.softmax(-1), _draws(sub))
-        chosen = chosen.index_copy(0, torch.tensor(sampled_rows, device=dev), picked)
+    # tiny temperatures overflow logits / t: those rows stay greedy
+    sampled = [i for i, r in enumerate(rows) if r.params.temperature >= GREEDY_BELOW]
+    for filtered in (False, True):
+        group = [i for i in sampled if _filtered(rows[i].params) == filtered]
+        if group:
+            idx = to_device(group, dev, torch.long)
+            picked = _sample_rows(logits.index_select(0, idx), [rows[i] for i in group], filtered)
+            chosen = chosen.index_copy(0, idx, picked)
 
     logprobs = None
     top_counts = [rows[i].params.logprobs or 0 for i in want_lp]
-    if raw_logprobs is not None:
-        chosen_lp = raw_logprobs.gather(1, chosen[want_lp][:, None])[:, 0]
-        vals, idx = raw_logprobs.topk(max(top_counts), dim=-1)  # k = 0 gives empty rows
-        logprobs = (chosen_lp, vals, idx)
+    if raw_logprobs is not None and want_lp_idx is not None:
+        chosen_lp = raw_logprobs.gather(1, chosen.index_select(0, want_lp_idx)[:, None])[:, 0]
+        vals, idx_top = raw_logprobs.topk(max(top_counts), dim=-1)  # k = 0 gives empty rows
+        logprobs = (chosen_lp, vals, idx_top)
     return PendingSample(chosen, logprobs, want_lp, top_counts)

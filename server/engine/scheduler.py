@@ -109,9 +109,13 @@ class Scheduler:
         for seq in decoding:
             if budget <= 0 or seq.status is not Status.RUNNING or self._ends_with_pending(seq):
                 continue
+            deferred = False
             while self.bm.blocks_needed(seq.num_tokens) > len(seq.block_table):
                 if self.bm.append_block(seq.block_table):
                     continue
+                if seq.num_pending:  # its token in flight may end it: wait one step rather
+                    deferred = True  # than evict another sequence for it
+                    break
                 victim = self._newest_after(seq)
                 if victim is None:  # `seq` is the newest: it gives way itself
                     self._preempt(seq)
@@ -123,7 +127,7 @@ class Scheduler:
                     i = seqs.index(victim)
                     del seqs[i], chunks[i]
                     budget += 1
-            if seq.status is not Status.RUNNING:
+            if deferred or seq.status is not Status.RUNNING:
                 continue
             chunks.append(ScheduledChunk(seq.data, seq.num_computed, seq.num_tokens, seq.block_table))
             seqs.append(seq)
