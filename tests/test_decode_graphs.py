@@ -123,6 +123,23 @@ def test_padded_static_decode_with_triton_kernels(demo_dir) -> None:
     assert tri.engine.runner.decode_graphs.replays == 5
 
 
+def test_a_failed_capture_falls_back_to_eager(demo_dir, monkeypatch, caplog) -> None:
+    """If capturing the graphs fails at start, the engine logs why and serves eagerly."""
+    from server.engine.cuda_graphs import DecodeGraphs
+
+    def broken(self) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    llm = LLM(str(demo_dir("w8")), device="cpu", max_model_len=256)
+    monkeypatch.setattr(DecodeGraphs, "capture_all", broken)
+    with caplog.at_level("WARNING", logger="server.engine.core"):
+        llm.engine._enable_decode_graphs()
+    assert llm.engine.runner.decode_graphs is None
+    assert "CUDA graph capture failed, decode steps run eagerly" in caplog.text
+    out = llm.generate(["a b c"], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
 def test_steps_the_static_path_cannot_take_run_eagerly(demo_dir) -> None:
     """More decodes than the largest size, or a prefill in the batch: the eager path runs."""
     llm = LLM(str(demo_dir("w8")), device="cpu", max_model_len=256, max_num_seqs=8)

@@ -137,8 +137,7 @@ class EngineCore:
             if args.kernel_backend == "reference":  # its torch kernels read device values
                 log.info("decode runs eagerly: CUDA graphs need the Triton kernels")
             else:
-                self.runner.enable_decode_graphs(args.max_num_seqs, self.max_model_len)
-                self._check_graph_memory()
+                self._enable_decode_graphs()
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len
@@ -159,6 +158,17 @@ class EngineCore:
         per_seq = math.ceil(min(self.max_model_len, 4096) / a.block_size)
         return max(per_seq, min(per_seq * a.max_num_seqs, 4096))
 
+    def _enable_decode_graphs(self, capture: bool = True) -> None:
+        """Capture the decode graphs; a failed capture costs speed, never the server."""
+        try:
+            self.runner.enable_decode_graphs(self.args.max_num_seqs, self.max_model_len, capture)
+        except Exception as e:
+            log.warning("CUDA graph capture failed, decode steps run eagerly: %s: %s", type(e).__name__, e)
+            self.runner.decode_graphs = None
+            torch.cuda.empty_cache()
+        else:
+            self._check_graph_memory()
+
     def _check_graph_memory(self) -> None:
         graphs, profile = self.runner.decode_graphs, self.memory_profile
         if graphs is not None and profile is not None and graphs.memory > profile.decode_activations:
@@ -172,9 +182,15 @@ class EngineCore:
     def _blocks_from_profile(self) -> int:
         """KV blocks that fit in gpu_memory_utilization x total after a profiling step."""
         a = self.args
-        profile = profile_memory(
-            self.model, a.max_num_batched_tokens, a.max_num_seqs, a.block_size, self.largest_image_grid
-        )
+        grid = self.largest_image_grid
+        try:
+            profile = profile_memory(self.model, a.max_num_batched_tokens, a.max_num_seqs, a.block_size, grid)
+        except torch.cuda.OutOfMemoryError as e:
+            raise RuntimeError(
+                f"the profiling step (an image of {grid[1] * grid[2] // self.merge_size**2} tokens, "
+                f"{a.max_num_batched_tokens} batched tokens, {a.max_num_seqs} sequences) does not fit in GPU "
+                "memory: lower --max-num-batched-tokens, --max-num-seqs or --max-model-len"
+            ) from e
         self.memory_profile = profile
         return profile.num_blocks(
             a.gpu_memory_utilization, a.encoder_cache_bytes, kv_bytes_per_block(self.model, a.block_size)
