@@ -215,6 +215,28 @@ def test_a_sequence_with_a_token_in_flight_never_preempts_another() -> None:
     assert out.seqs == [old] and sched.num_preemptions == 1 and list(sched.waiting) == [new]
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_follow_up_turn_reuses_the_blocks_the_answer_filled(demo_dir, async_scheduling: bool) -> None:
+    """Multi-turn chat: the next request repeats the prompt and the generated answer. Every
+    full block of both (generated tokens included, registered once their ids reached the
+    host) is a prefix-cache hit."""
+    llm = LLM(str(demo_dir("w8")), device="cpu", async_scheduling=async_scheduling)
+    cfg = llm.config
+    text_vocab = min(cfg.image_token_id, cfg.vision_start_token_id, cfg.video_token_id)
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for shift in range(30):  # the random demo model may answer with special tokens: a prompt
+        prompt = [(11 * i + shift) % 200 + 5 for i in range(40)]  # whose answer is plain text
+        generated = llm.generate([prompt], greedy)[0].outputs[0].token_ids
+        if max(generated) < text_vocab:
+            break
+    else:
+        pytest.fail("no prompt with a plain-text answer")
+    follow_up = llm.generate([prompt + generated + [7, 8, 9]], SamplingParams(temperature=0, max_tokens=2))[0]
+    computed = len(prompt) + len(generated) - 1  # the last generated token was never an input
+    assert follow_up.num_cached_tokens == computed // 16 * 16 == 64
+    _assert_released(llm)
+
+
 def test_abort_while_a_token_is_in_flight(demo_dir) -> None:
     """Abort a request between steps while its sampled token is still on the device: it gets
     one abort output and nothing after; the other request finishes; every block comes back."""

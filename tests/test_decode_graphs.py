@@ -86,6 +86,9 @@ def test_padding_rows_write_no_kv(demo_dir) -> None:
     before = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
     graphs = runner.decode_graphs
     assert graphs is not None and graphs.bucket(3) == 4
+    # every size stages through a contiguous view (a strided source would be copied through
+    # pageable memory on a GPU, which syncs the stream)
+    assert all(graphs._stage(size).is_contiguous() for size in graphs.sizes)
     logits = runner.run(chunks)
     assert graphs.replays == 1
     written = {c.block_table[(c.end - 1) // 16] * 16 + (c.end - 1) % 16 for c in chunks}

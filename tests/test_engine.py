@@ -10,7 +10,7 @@ from hf_reference import ReferenceInputs, reference_model, with_inline_images
 from PIL import Image
 
 from server import LLM, SamplingParams
-from server.engine.core import EngineRequest, RequestRejected
+from server.engine.core import EngineArgs, EngineCore, EngineRequest, RequestRejected
 from server.model.loader import load_model
 
 WORDS = "the cat sat on a red mat while two blue birds sang over the green tree near one small house".split()
@@ -81,7 +81,8 @@ def test_preemption_keeps_outputs_identical(demo_dir):
     convs = [with_inline_images(m, ims) for m, ims in _conversations(6)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     roomy = LLM(str(demo_dir("w8")), device="cpu", max_model_len=512)
-    expected = [o.outputs[0].token_ids for o in roomy.chat(convs, params)]
+    roomy_outs = roomy.chat(convs, params)
+    expected = [o.outputs[0].token_ids for o in roomy_outs]
     tight = LLM(
         str(demo_dir("w8")), device="cpu", max_model_len=384, num_kv_blocks=24, max_num_batched_tokens=64
     )
@@ -95,6 +96,42 @@ def test_preemption_keeps_outputs_identical(demo_dir):
     stats, roomy_stats = tight.engine.stats(), roomy.engine.stats()
     assert stats.prefix_cache_queries == sum(len(o.prompt_token_ids) for o in outs)
     assert stats.prefix_cache_hits == roomy_stats.prefix_cache_hits
+    assert [o.num_cached_tokens for o in outs] == [o.num_cached_tokens for o in roomy_outs]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_readmission_after_preemption_mid_prefill_is_no_cache_hit(demo_dir, async_scheduling):
+    """B (36 tokens, shared with nobody) is preempted part-way through its chunked prefill by
+    A's growth and readmitted onto its own cached blocks: its usage reports 0 cached tokens,
+    as the prefix-cache stats do."""
+    core = EngineCore(
+        EngineArgs(
+            model=str(demo_dir("w8")),
+            device="cpu",
+            async_scheduling=async_scheduling,
+            block_size=4,
+            num_kv_blocks=12,
+            max_model_len=48,
+            max_num_batched_tokens=8,
+            max_num_seqs=4,
+        )
+    )
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    core.add_request(EngineRequest("A", [5, 6, 7], greedy))
+    first = {}
+    for step in range(500):
+        if step == 2:
+            b = EngineRequest("B", list(range(100, 136)), SamplingParams(temperature=0, max_tokens=4))
+            core.add_request(b)
+        elif step > 2 and not core.has_unfinished():
+            break
+        for o in core.step():
+            if o.num_prompt_tokens:
+                first[o.request_id] = (o.num_prompt_tokens, o.num_cached_tokens)
+    stats = core.stats()
+    assert stats.num_preemptions > 0, "the pool was meant to force a preemption"
+    assert first == {"A": (3, 0), "B": (36, 0)}
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (39, 0)
 
 
 def test_prefix_cache_hits_shared_prefix_and_image(demo_dir):

@@ -15,6 +15,7 @@ import torch
 from server.model.images import ImageSettings, ProcessedImage
 from server.model.loader import load_model
 from server.model.qwen3_vl import Qwen3VL, mrope_positions
+from server.transfer import to_device
 
 from .kv_cache import BlockManager, BlockSpans
 from .memory import MemoryProfile, grid_for_tokens, kv_bytes_per_block, largest_image_grid, profile_memory
@@ -22,7 +23,6 @@ from .runner import ModelRunner, PendingTokens, SequenceData
 from .sampler import PendingSample, SamplingInput, sample_async
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, Sequence, Status
-from .transfer import to_device
 
 log = logging.getLogger(__name__)
 

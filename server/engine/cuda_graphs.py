@@ -70,7 +70,8 @@ class DecodeGraphs:
         # Two pinned staging buffers, used in turn: the copy out of one may still be queued
         # while the next step (async scheduling) fills the other.
         pin = dev.type == "cuda"
-        self._staging = [torch.zeros((4, n), dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._staging = [torch.zeros(4 * n, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._staged_events: list[torch.cuda.Event | None] = [None, None]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.replays = 0  # steps served (tests and stats)
@@ -98,6 +99,17 @@ class DecodeGraphs:
         )
         positions = self.inputs[self.POS, :size].expand(3, -1)  # decode: t = h = w
         return self.model(self.inputs[self.IDS, :size], positions, self.kv_caches, meta)
+
+    def _stage(self, size: int) -> torch.Tensor:
+        """The staging buffer for this step as a contiguous pinned [4, size] view (a strided
+        slice would be copied through pageable memory, which syncs the stream). The two
+        buffers alternate; before reuse the host waits for the copy that last read this one,
+        which has almost always long run."""
+        slot = self.replays % 2
+        event = self._staged_events[slot]
+        if event is not None:
+            event.synchronize()
+        return self._staging[slot][: 4 * size].view(4, size)
 
     @classmethod
     def _pad(cls, packed: torch.Tensor, start: int) -> None:
@@ -164,12 +176,14 @@ class DecodeGraphs:
         n = len(ids)
         size = self.bucket(n)
         assert size is not None and self.can_run(n, max(map(len, tables))), "caller checks can_run"
-        # A staging buffer is reused two steps later, by when the engine has waited for the
-        # sample queued behind its copy.
-        staged = self._staging[self.replays % 2][:, :size]
+        staged = self._stage(size)
         staged[:, :n] = torch.tensor([ids, positions, slots, seq_lens])
         self._pad(staged, n)
         self.inputs[:, :size].copy_(staged, non_blocking=True)
+        if self.capture:
+            event = torch.cuda.Event()
+            event.record()
+            self._staged_events[self.replays % 2] = event
         if fill is not None:
             self.inputs[self.IDS].index_copy_(0, *fill)
         width = max(map(len, tables))

@@ -16,9 +16,9 @@ import torch
 from server.model.images import ProcessedImage
 from server.model.layers import AttentionMetadata
 from server.model.qwen3_vl import ImageFeatures, MultimodalEmbeds, Qwen3VL
+from server.transfer import to_device
 
 from .cuda_graphs import DecodeGraphs
-from .transfer import to_device
 
 
 @dataclass(eq=False)
@@ -306,7 +306,7 @@ class ModelRunner:
             for offset, (m, _, _) in mm_parts:
                 mask[offset : offset + m.numel()] = m
             mm_embeds = MultimodalEmbeds(
-                to_device(mask, dev),
+                to_device(mask.nonzero().flatten(), dev),  # positions found on the host
                 torch.cat([e for _, (_, e, _) in mm_parts]),
                 torch.cat([d for _, (_, _, d) in mm_parts], dim=1),
             )

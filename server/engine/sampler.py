@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from server.transfer import to_device
+
 from .runner import SequenceData
 from .sampling_params import SamplingParams
-from .transfer import to_device
 
 _MASK64 = (1 << 64) - 1
 GREEDY_BELOW = 1e-5
@@ -96,7 +97,7 @@ def _filtered_sorted_probs(
     cum_before = probs.cumsum(-1) - probs
     drop |= cum_before >= top_p[:, None]  # keep the smallest prefix whose mass reaches top_p
     drop |= probs < (min_p[:, None] * probs[:, :1])
-    drop[:, 0] = False  # the most likely token always survives
+    drop[:, 0].fill_(False)  # the most likely token always survives
     return probs.masked_fill_(drop, 0.0), order
 
 
@@ -199,7 +200,7 @@ def sample_async(logits: torch.Tensor, rows: list[SamplingInput]) -> PendingSamp
     for i, r in enumerate(rows):  # min_tokens: no stopping token before the minimum
         if r.params.min_tokens and r.data.num_output_tokens < r.params.min_tokens and r.stop_token_ids:
             ids = to_device(sorted(t for t in r.stop_token_ids if t < vocab), dev, torch.long)
-            logits[i, ids] = float("-inf")
+            logits[i].index_fill_(0, ids, float("-inf"))  # not setitem: that may sync on a GPU
 
     chosen = logits.argmax(-1)
     # tiny temperatures overflow logits / t: those rows stay greedy

@@ -160,7 +160,7 @@ class Scheduler:
             seq.block_table, cached = got
             seq.num_computed = cached
             seq.num_registered_blocks = cached // self.bm.block_size
-            if seq.num_cached_prompt_tokens == 0:
+            if first:  # a readmission finds its own blocks: no prefix-cache hit
                 seq.num_cached_prompt_tokens = min(cached, seq.num_prompt)
             seq.status = Status.RUNNING
             if seq.scheduled_time is None:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.transfer import to_device
+
 from .layers import (
     AttentionMetadata,
     Linear,
@@ -135,14 +137,16 @@ class VisionTower(nn.Module):
         index = (hi[:, None, :, None] * side + wi[None, :, None, :]).reshape(h * w, 4)
         weight = (hw[:, None, :, None] * ww[None, :, None, :]).reshape(h * w, 4)
         dev = self.pos_embed.weight.device
-        emb = (self.pos_embed(index.to(dev)) * weight.to(dev)[..., None]).sum(1)
-        return emb[self._block_order(h, w).to(dev)].repeat(t, 1)
+        emb = (self.pos_embed(to_device(index, dev)) * to_device(weight, dev)[..., None]).sum(1)
+        return emb.index_select(0, to_device(self._block_order(h, w), dev)).repeat(t, 1)
 
     def _rotary(self, t: int, h: int, w: int) -> torch.Tensor:
         rows = torch.arange(h)[:, None].expand(h, w).reshape(-1)
         cols = torch.arange(w)[None, :].expand(h, w).reshape(-1)
         order = self._block_order(h, w)
-        pos = torch.stack([rows[order], cols[order]], dim=-1).repeat(t, 1).to(self.rope_inv_freq.device)
+        pos = to_device(
+            torch.stack([rows[order], cols[order]], dim=-1).repeat(t, 1), self.rope_inv_freq.device
+        )
         freqs = pos[..., None].float() * self.rope_inv_freq  # [N, 2, head_dim/4]
         freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
         return torch.cat([freqs, freqs], dim=-1)
@@ -220,11 +224,12 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class MultimodalEmbeds:
-    """Image features placed into a flat batch: `mask` marks the image-token positions of the
-    batch (in order), `embeds`/`deepstack` hold the matching rows (a chunk may carry only
-    part of an image: the runner slices the rows that fall into it)."""
+    """Image features placed into a flat batch: `rows` are the image-token positions of the
+    batch (ascending), `embeds`/`deepstack` hold the matching rows (a chunk may carry only
+    part of an image: the runner slices the rows that fall into it). Positions rather than a
+    boolean mask: masked indexing on a GPU reads the mask back to the host (a sync)."""
 
-    mask: torch.Tensor  # bool [T]
+    rows: torch.Tensor  # long [n], on the model's device
     embeds: torch.Tensor  # [n, hidden]
     deepstack: torch.Tensor  # [num_deepstack, n, hidden]
 
@@ -279,7 +284,7 @@ class Qwen3VL(nn.Module):
     def encode_images(
         self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]
     ) -> list[ImageFeatures]:
-        return self.visual(pixel_values.to(self.device), grid_thw)
+        return self.visual(to_device(pixel_values, self.device), grid_thw)
 
     def forward(
         self,
@@ -292,15 +297,13 @@ class Qwen3VL(nn.Module):
         """input_ids [T], positions [3, T] (M-RoPE t/h/w) -> final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
         if mm is not None and mm.embeds.shape[0]:
-            x = x.clone()
-            x[mm.mask] = mm.embeds.to(x.dtype)
+            x = x.index_copy(0, mm.rows, mm.embeds.to(x.dtype))
         cos, sin = self.rotary(positions, x.dtype)
         n_deepstack = mm.deepstack.shape[0] if mm is not None and mm.embeds.shape[0] else 0
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_caches[i], meta)
             if i < n_deepstack:
-                x = x.clone()
-                x[mm.mask] += mm.deepstack[i].to(x.dtype)  # type: ignore[union-attr]
+                x = x.index_add(0, mm.rows, mm.deepstack[i].to(x.dtype))  # type: ignore[union-attr]
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
