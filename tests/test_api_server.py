@@ -216,6 +216,39 @@ def test_completions_endpoint(client):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == r.choices[0].text
 
 
+def test_completions_with_a_list_of_prompts(client, http):
+    """Several prompts (strings or token lists) in one request: choice i*n + j is prompt i's
+    j-th choice, equal to asking for that prompt alone; usage sums them; streaming carries the
+    same texts under the same indices; a bad prompt anywhere refuses the whole request."""
+    prompts = ["Once upon a time", "The red cat", "Two birds"]
+    kw = dict(model=MODEL, max_tokens=6, temperature=0.8, seed=3, n=2)
+    r = client.completions.create(prompt=prompts, **kw)
+    assert [c.index for c in r.choices] == list(range(6))
+    alone = [client.completions.create(prompt=p, **kw) for p in prompts]
+    assert [c.text for c in r.choices] == [c.text for a in alone for c in a.choices]
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    streamed: dict[int, str] = {}
+    for chunk in client.completions.create(prompt=prompts, stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert [streamed[i] for i in range(6)] == [c.text for c in r.choices]
+    ids = http.post("/tokenize", json={"prompt": "The red cat"}).json()["tokens"]
+    mixed = client.completions.create(prompt=[ids, [5, 6, 7]], model=MODEL, max_tokens=4, temperature=0)
+    assert (
+        mixed.choices[0].text
+        == client.completions.create(prompt="The red cat", model=MODEL, max_tokens=4, temperature=0)
+        .choices[0]
+        .text
+    )
+    for bad, why in ((["fine", ""], "must not be empty"), ([[5, 6], [10**9]], "out of range"), ([], "empty")):
+        resp = http.post("/v1/completions", json={"model": MODEL, "prompt": bad, "max_tokens": 2})
+        assert resp.status_code == 400 and why in resp.json()["error"]["message"], resp.text
+        assert resp.json()["error"]["param"] == "prompt"
+    too_many = http.post("/v1/completions", json={"model": MODEL, "prompt": ["a"] * 65, "max_tokens": 1})
+    assert too_many.status_code == 400 and "at most 64 prompts" in too_many.json()["error"]["message"]
+
+
 # -- the README examples, run verbatim (only the base URL is swapped for the test server's) -------
 
 
@@ -346,6 +379,25 @@ def test_disconnect_mid_stream_aborts(server):
         assert running["grace_serve_kv_cache_usage_perc"] > 0
     # the client is gone: the request must be aborted in the engine and its KV freed
     assert wait_until(lambda: scrape(server.url).get(aborted, 0.0) == before + 1, timeout=10)
+    assert wait_until(lambda: kv_empty(server.url), timeout=10)
+
+
+def test_disconnect_aborts_every_prompt_of_a_list(server):
+    """A client leaving a streamed 3-prompt completion aborts all three engine requests."""
+    aborted = 'grace_serve_request_success_total{finished_reason="abort"}'
+    before = scrape(server.url).get(aborted, 0.0)
+    body = {"model": MODEL, "prompt": ["Write", "forever", "please"], "max_tokens": 4000, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with (
+        httpx.Client(base_url=server.url, timeout=30) as c,
+        c.stream("POST", "/v1/completions", json=body, headers=headers) as r,
+    ):
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(12)]
+        assert sum('"text"' in line for line in got) >= 3
+    assert wait_until(lambda: scrape(server.url).get(aborted, 0.0) == before + 3, timeout=10)
     assert wait_until(lambda: kv_empty(server.url), timeout=10)
 
 

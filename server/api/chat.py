@@ -9,6 +9,7 @@ the engine iteration, which aborts the request in the engine at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -28,6 +29,7 @@ from server.metrics import RequestMetrics
 from server.model.processor import PromptInputs
 
 from .errors import SERVER, UNAVAILABLE, APIError, bad_request, error_body
+from .fanout import CombinedMetrics, merge_streams
 from .prompts import chat_inputs, completion_inputs, fit_to_context, sampling_params
 from .protocol import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
 from .state import ServerState, Ticket
@@ -135,7 +137,7 @@ def _sse(payload: Any) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _usage(rm: RequestMetrics) -> dict[str, Any]:
+def _usage(rm: RequestMetrics | CombinedMetrics) -> dict[str, Any]:
     usage: dict[str, Any] = {
         "prompt_tokens": rm.num_prompt_tokens,
         "completion_tokens": rm.total_completion_tokens,
@@ -146,7 +148,7 @@ def _usage(rm: RequestMetrics) -> dict[str, Any]:
     return usage
 
 
-def _note_access(request: Request, rid: str, rm: RequestMetrics) -> None:
+def _note_access(request: Request, rid: str, rm: RequestMetrics | CombinedMetrics) -> None:
     """Numbers for the access log line (written by the middleware when the response ends)."""
     request.state.access = lambda: {
         "id": rid,
@@ -157,30 +159,42 @@ def _note_access(request: Request, rid: str, rm: RequestMetrics) -> None:
     }
 
 
+Prepared = list[tuple[PromptInputs, SamplingParams]]  # one engine request per entry
+
+
 async def _serve(
     request: Request,
     state: ServerState,
     ticket: Ticket,
-    prepare: Callable[[], Awaitable[tuple[PromptInputs, SamplingParams]]],
+    prepare: Callable[[], Awaitable[Prepared]],
     stream: bool,
     rid: str,
-    render_stream: Callable[
-        [AsyncIterator[RequestDelta], RequestMetrics, SamplingParams], AsyncIterator[bytes]
-    ],
-    render_full: Callable[[list[Choice], RequestMetrics], dict[str, Any]],
+    render_stream: Callable[[AsyncIterator[RequestDelta], Any, SamplingParams], AsyncIterator[bytes]],
+    render_full: Callable[[list[Choice], Any], dict[str, Any]],
 ) -> Response:
-    """Common path of chat and completions once the request is admitted."""
+    """Common path of chat and completions once the request is admitted. Several prepared
+    prompts (completions) run as concurrent engine requests merged into one response."""
     arrival = time.monotonic()
     # The middleware calls this when the response is over, whatever happened (a stream that
     # never started never runs its own cleanup).
     request.state.cleanup = ticket.release
     try:
-        inputs, params = await until_disconnected(request, prepare())
+        prepared = await until_disconnected(request, prepare())
     except ClientDisconnected:
         return Response(status_code=499)
-    rm = RequestMetrics(state.metrics, arrival)
+    params = prepared[0][1]
+    parts = [RequestMetrics(state.metrics, arrival) for _ in prepared]
+    if len(prepared) == 1:
+        rm: Any = parts[0]
+        deltas = tracked(state, prepared[0][0], params, rid, rm, ticket)
+    else:
+        rm = CombinedMetrics(parts, params.n)
+        streams = [
+            tracked(state, inputs, p, f"{rid}-{i}", part, ticket)
+            for i, ((inputs, p), part) in enumerate(zip(prepared, parts))
+        ]
+        deltas = merge_streams(streams, params.n)
     _note_access(request, rid, rm)
-    deltas = tracked(state, inputs, params, rid, rm, ticket)
     if stream:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(
@@ -188,7 +202,7 @@ async def _serve(
         )
 
     async def collect() -> list[Choice]:
-        choices = [Choice() for _ in range(params.n)]
+        choices = [Choice() for _ in range(params.n * len(prepared))]
         async with contextlib.aclosing(deltas) as it:
             async for delta in it:
                 for d in delta.deltas:
@@ -291,9 +305,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     top = body.top_logprobs or 0
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
 
-    async def prepare() -> tuple[PromptInputs, SamplingParams]:
+    async def prepare() -> Prepared:
         inputs = await chat_inputs(state, body.messages)
-        return inputs, fit_to_context(state, params, len(inputs.prompt_token_ids), "messages", max_param)
+        return [(inputs, fit_to_context(state, params, len(inputs.prompt_token_ids), "messages", max_param))]
 
     def chunk(choices: list[dict[str, Any]], usage: Any = ...) -> bytes:
         payload: dict[str, Any] = {
@@ -380,9 +394,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     top = body.logprobs or 0
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
-    async def prepare() -> tuple[PromptInputs, SamplingParams]:
-        inputs = completion_inputs(state, body)
-        return inputs, fit_to_context(state, params, len(inputs.prompt_token_ids), "prompt", "max_tokens")
+    async def prepare() -> Prepared:
+        return [
+            (inputs, fit_to_context(state, params, len(inputs.prompt_token_ids), "prompt", "max_tokens"))
+            for inputs in completion_inputs(state, body)
+        ]
 
     def chunk(choices: list[dict[str, Any]], usage: Any = ...) -> bytes:
         payload: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model,
@@ -395,7 +411,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         deltas: AsyncIterator[RequestDelta], rm: RequestMetrics, p: SamplingParams
     ) -> AsyncIterator[bytes]:
         tok = _TokenText(state)
-        offsets = [0] * p.n
+        offsets: collections.Counter[int] = collections.Counter()  # text so far per choice
         async with contextlib.aclosing(deltas) as it:
             async for delta in it:
                 out = []

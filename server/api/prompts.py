@@ -110,20 +110,32 @@ async def _load_image(state: ServerState, param: str, url: str) -> ProcessedImag
         raise bad_request(str(e), param, "invalid_image") from e
 
 
-def completion_inputs(state: ServerState, req: CompletionRequest) -> PromptInputs:
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (each is an engine request)
+
+
+def completion_inputs(state: ServerState, req: CompletionRequest) -> list[PromptInputs]:
+    """The prompts of a completions request: a string, a list of token ids, or a list of
+    either (one choice group per prompt, in order)."""
     prompt: Any = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-            raise bad_request("only one prompt per request is supported", "prompt")
-        prompt = prompt[0]
-    if not prompt:
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompts = [prompt]
+    else:
+        prompts = prompt
+    if not prompts:
         raise bad_request("prompt must not be empty", "prompt")
-    if isinstance(prompt, list):
-        check_token_ids(state, prompt, "prompt")
-    try:
-        return state.processor.process_prompt(prompt)
-    except PromptError as e:
-        raise bad_request(str(e), "prompt") from e
+    if len(prompts) > MAX_PROMPTS:
+        raise bad_request(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt")
+    inputs = []
+    for one in prompts:
+        if not one:
+            raise bad_request("prompt must not be empty", "prompt")
+        if isinstance(one, list):
+            check_token_ids(state, one, "prompt")
+        try:
+            inputs.append(state.processor.process_prompt(one))
+        except PromptError as e:
+            raise bad_request(str(e), "prompt") from e
+    return inputs
 
 
 def check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
