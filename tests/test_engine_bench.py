@@ -14,6 +14,9 @@ def test_engine_bench_writes_every_row(tmp_path, capsys) -> None:
     bench.main([*args.split(), "--json", str(out)])
     data = json.loads(out.read_text())
     assert data["device"] == "cpu" and data["model"] == "demo"
+    start = data["startup"]
+    assert start["num_kv_blocks"] > 0 and start["async_scheduling"] is False and start["graph_sizes"] == []
+    assert start["memory_profile_mib"] is None  # sized from memory only on CUDA
     rows = [(r["scenario"], r["mode"], r["batch"], r["tokens"]) for r in data["rows"]]
     # decode rows generate max_tokens - 1 tokens each (the first comes with the prefill)
     assert rows == [

@@ -184,6 +184,23 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _startup(core: EngineCore, seconds: float) -> dict[str, object]:
+    """What the engine start cost and decided: KV pool, memory profile, decode graphs."""
+    graphs = core.runner.decode_graphs
+    profile = core.memory_profile
+    return {
+        "seconds": round(seconds, 2),
+        "num_kv_blocks": core.runner.num_blocks,
+        "max_model_len": core.max_model_len,
+        "async_scheduling": core.async_scheduling,
+        "graph_sizes": graphs.sizes if graphs is not None and graphs.capture else [],
+        "graph_mib": round(graphs.memory / 2**20, 1) if graphs is not None else 0,
+        "memory_profile_mib": {k: round(v / 2**20, 1) for k, v in asdict(profile).items()}
+        if profile
+        else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo", help="demo name or checkpoint path (ignored with --random-2b)")
@@ -216,7 +233,10 @@ def main(argv: list[str] | None = None) -> None:
 
         model = random_model(REAL_2B_CONFIG, bits=a.bits, device=device)
         label = f"random-2b-w{a.bits}g128"
+    t0 = time.perf_counter()
     core = EngineCore(args, model=model)
+    startup = _startup(core, time.perf_counter() - t0)
+    print("engine start:", ", ".join(f"{k} {v}" for k, v in startup.items()))
     rows = run(core, batches, a.prompt_len, a.decode_tokens, sampled_batch=a.sampled_batch)
 
     card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
@@ -236,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                     "device": device.type,
                     "card": card,
                     "torch": torch.__version__,
+                    "startup": startup,
                     "rows": [asdict(r) for r in rows],
                 },
                 f,
