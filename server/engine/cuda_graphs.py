@@ -24,6 +24,7 @@ import torch
 
 from server.model.layers import AttentionMetadata
 from server.model.qwen3_vl import Qwen3VL
+from server.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -190,16 +191,9 @@ class DecodeGraphs:
         rows = [t + [0] * (width - len(t)) for t in tables]
         # Entries past `width` (and padding rows) keep earlier valid block ids; the kernels read
         # only the blocks a row's seq_len covers.
-        self.block_tables[:n, :width].copy_(_pinned(rows), non_blocking=True)
+        self.block_tables[:n, :width].copy_(to_device(rows, self.block_tables.device, torch.long))
         self.replays += 1
         if self.capture:
             self.graphs[size].replay()
             return self.outputs[size][:n]
         return self._forward(size)[:n]
-
-
-def _pinned(rows: list[list[int]]) -> torch.Tensor:
-    """A host tensor a non-blocking copy can read without syncing the stream (pageable
-    memory would sync it); on a CPU-only build pinning is not available nor needed."""
-    t = torch.tensor(rows, dtype=torch.long)
-    return t.pin_memory() if torch.cuda.is_available() else t
