@@ -397,6 +397,24 @@ def test_chunks_encode_only_the_images_they_overlap(demo_dir, oracle):
     _assert_all_blocks_released(llm)
 
 
+def test_warm_up_runs_every_prefill_bucket_without_touching_the_pool(demo_dir):
+    """The start-up sweep (run on CUDA so each qmatmul M bucket is tuned before traffic) runs
+    a prefill of 16, 32, ... up to max_num_batched_tokens tokens, no larger than the pool, and
+    leaves the block manager as it was; the engine then serves normally."""
+    llm = LLM(
+        str(demo_dir("w8")), device="cpu", max_num_batched_tokens=300, num_kv_blocks=40, max_model_len=512
+    )
+    runner = llm.engine.runner
+    calls: list[int] = []
+    hook = llm.engine.model.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[0]))
+    assert runner.warm_up(300) == [16, 32, 64, 128, 256, 300] == calls
+    assert runner.warm_up(5000) == [16, 32, 64, 128, 256, 512]  # 40 blocks hold 640 tokens
+    hook.remove()
+    assert llm.engine.block_manager.num_used == 0
+    out = llm.generate(["a b c"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
 def test_tiny_temperature_is_greedy(w8_llm):
     """temperature 1e-40 would overflow logits / t (NaN probabilities): it is treated as greedy."""
     msg = [{"role": "user", "content": "a small blue bird"}]

@@ -133,6 +133,10 @@ class EngineCore:
         self.runner = ModelRunner(model, num_blocks, args.block_size, args.encoder_cache_bytes)
         grid = self.largest_image_grid
         self.runner.max_encode_patches = grid[0] * grid[1] * grid[2]  # never above the profiled peak
+        if model.device.type == "cuda" and args.kernel_backend != "reference":
+            t0 = time.perf_counter()
+            sizes = self.runner.warm_up(args.max_num_batched_tokens)
+            log.info("prefill sizes %s warmed up (kernels tuned) in %.1f s", sizes, time.perf_counter() - t0)
         if model.device.type == "cuda" and not args.enforce_eager:
             if args.kernel_backend == "reference":  # its torch kernels read device values
                 log.info("decode runs eagerly: CUDA graphs need the Triton kernels")

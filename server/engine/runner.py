@@ -172,6 +172,20 @@ class ModelRunner:
         )
         self.decode_graphs.capture_all()
 
+    @torch.inference_mode()
+    def warm_up(self, max_tokens: int) -> list[int]:
+        """Run one prefill of each power-of-two size from 16 up to max_tokens (and max_tokens):
+        every qmatmul M bucket a step can hit is compiled and tuned before traffic, instead of
+        stalling the first request of each size. Writes only KV blocks no sequence holds yet
+        (call it before serving). Returns the sizes run."""
+        capacity = self.num_blocks * self.block_size
+        sizes = sorted({m for m in (16 << i for i in range(16)) if m < max_tokens} | {max_tokens})
+        sizes = [m for m in sizes if m <= capacity]
+        for m in sizes:
+            data = SequenceData.from_prompt([1] * m, [], torch.arange(m).expand(3, -1), 0)
+            self.forward([ScheduledChunk(data, 0, m, list(range(-(-m // self.block_size))))])
+        return sizes
+
     def image_features(self, images: list[ProcessedImage]) -> list[ImageFeatures]:
         """Features for each image, running the vision tower only for cache misses. Hits are
         taken before anything is stored: storing new features may evict them."""
