@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ from kernels.triton_utils import INTERPRET, PlanTuner, check_triton_device, next
 import triton  # isort: skip  (kernels.triton_utils sets the interpreter default first)
 import triton.language as tl  # isort: skip
 
+from kernels import tuning_cache
 from kernels.quant import QuantizedWeight
 
 __all__ = [
@@ -388,6 +390,8 @@ def candidates(m: int, n: int, k: int, g: int) -> list[Plan]:
 
 
 tuner = PlanTuner("qmatmul")
+# what a stored plan's validity and speed depend on, besides card and versions
+_SOURCES = (Path(__file__), Path(__file__).with_name("quant.py"))
 _untuned: dict[tuple, Plan] = {}  # first candidates, where nothing is timed (CPU, autotune off)
 
 # ----------------------------------------------------------------------------- launching
@@ -574,10 +578,14 @@ def qmatmul(
             elif torch.cuda.is_current_stream_capturing():
                 plan = cands[0]  # nothing can be timed inside a capture; not remembered either
             else:
-                weights = itertools.cycle(_cold_copies(qw))
-                plan = tuner.choose(
-                    key, cands, lambda p: run_plan(p, x2, next(weights), bias, out2), x.device
-                )
+                if not tuner.persisted:  # first tuning in this process: earlier runs' choices
+                    tuner.persist(tuning_cache.cache_path("qmatmul", x.device, _SOURCES), Plan, x.device)
+                    plan = tuner.best.get(key)  # type: ignore[assignment]
+                if plan is None:
+                    weights = itertools.cycle(_cold_copies(qw))
+                    plan = tuner.choose(
+                        key, cands, lambda p: run_plan(p, x2, next(weights), bias, out2), x.device
+                    )
     else:
         fitted = _fit(plan, m, n, k, qw.group_size)
         if fitted is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -22,6 +23,8 @@ if torch.version.cuda is None and torch.version.hip is None:  # CPU-only torch: 
 
 import triton
 import triton.language as tl
+
+from kernels import tuning_cache
 
 __all__ = [
     "INTERPRET",
@@ -125,6 +128,18 @@ class PlanTuner:
         self.name = name
         self.best: dict[Hashable, object] = {}
         self.timings: dict[Hashable, list[tuple[object, float]]] = {}
+        self.persisted = False  # persist() was called (whether or not a file is used)
+        self._store: Path | None = None
+
+    def persist(self, path: Path | None, plan_type: type, device: torch.device) -> None:
+        """Take the plans an earlier process chose (kernels/tuning_cache.py) and save every
+        new choice to `path` (None: keep them in memory only)."""
+        self.persisted = True
+        if path is None:
+            return
+        for key, plan in tuning_cache.load(path, plan_type, device).items():
+            self.best.setdefault(key, plan)
+        self._store = path
 
     def choose(
         self,
@@ -152,6 +167,8 @@ class PlanTuner:
             raise RuntimeError(f"{self.name}: no candidate plan ran for key {key}")
         self.best[key] = best
         self.timings[key] = results
+        if self._store is not None:
+            tuning_cache.save(self._store, self.best)
         return best  # type: ignore[return-value]
 
     def clear(self) -> None:
