@@ -2,7 +2,8 @@
 
 One JSON file per (tuner, card, compute capability, Triton, torch, kernel source): any change
 to what a plan's speed or validity depends on starts a new file instead of reusing a stale
-choice. Files live in ``$GRACE_SERVE_CACHE/kernels`` (default ``~/.cache/grace-serve/kernels``;
+choice. Files live in ``$GRACE_SERVE_CACHE/kernels`` (default
+``${XDG_CACHE_HOME:-~/.cache}/grace-serve/kernels``, inside the Docker image's cache volume;
 ``GRACE_KERNELS_CACHE=0`` turns the cache off). A file that cannot be read is ignored, and
 writes go through a temporary file and a rename, so concurrent servers never see half a file.
 """
@@ -28,8 +29,8 @@ def cache_dir() -> Path | None:
     if os.environ.get("GRACE_KERNELS_CACHE", "1") == "0":
         return None
     root = os.environ.get("GRACE_SERVE_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "grace-serve"
-    )
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "grace-serve"
+    )  # the same folder as server/model/demo.py's cache
     return Path(root) / "kernels"
 
 
