@@ -133,15 +133,8 @@ class EngineCore:
         self.runner = ModelRunner(model, num_blocks, args.block_size, args.encoder_cache_bytes)
         grid = self.largest_image_grid
         self.runner.max_encode_patches = grid[0] * grid[1] * grid[2]  # never above the profiled peak
-        if model.device.type == "cuda" and args.kernel_backend != "reference":
-            t0 = time.perf_counter()
-            sizes = self.runner.warm_up(args.max_num_batched_tokens)
-            log.info("prefill sizes %s warmed up (kernels tuned) in %.1f s", sizes, time.perf_counter() - t0)
-        if model.device.type == "cuda" and not args.enforce_eager:
-            if args.kernel_backend == "reference":  # its torch kernels read device values
-                log.info("decode runs eagerly: CUDA graphs need the Triton kernels")
-            else:
-                self._enable_decode_graphs()
+        if model.device.type == "cuda":
+            self._prepare_gpu_steps()
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len
@@ -162,10 +155,23 @@ class EngineCore:
         per_seq = math.ceil(min(self.max_model_len, 4096) / a.block_size)
         return max(per_seq, min(per_seq * a.max_num_seqs, 4096))
 
-    def _enable_decode_graphs(self, capture: bool = True) -> None:
+    def _prepare_gpu_steps(self) -> None:
+        """Before traffic: tune the kernels for every prefill size, then capture the decode
+        graphs (with the Triton kernels only: the reference ones read device values)."""
+        a = self.args
+        if a.kernel_backend == "reference":
+            log.info("decode runs eagerly: CUDA graphs need the Triton kernels")
+            return
+        t0 = time.perf_counter()
+        sizes = self.runner.warm_up(a.max_num_batched_tokens)
+        log.info("prefill sizes %s warmed up (kernels tuned) in %.1f s", sizes, time.perf_counter() - t0)
+        if not a.enforce_eager:
+            self._enable_decode_graphs()
+
+    def _enable_decode_graphs(self) -> None:
         """Capture the decode graphs; a failed capture costs speed, never the server."""
         try:
-            self.runner.enable_decode_graphs(self.args.max_num_seqs, self.max_model_len, capture)
+            self.runner.enable_decode_graphs(self.args.max_num_seqs, self.max_model_len)
         except Exception as e:
             log.warning("CUDA graph capture failed, decode steps run eagerly: %s: %s", type(e).__name__, e)
             self.runner.decode_graphs = None
