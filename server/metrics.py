@@ -127,8 +127,24 @@ class Metrics:
             registry=r,
         )
         self.draining = Gauge(PREFIX + "draining", "1 while the server drains after SIGTERM.", registry=r)
+        self.engine_steps = counter("engine_steps", "Engine steps run (the heartbeat /health watches).")
+        self.seconds_since_engine_step = gauge(
+            "engine_seconds_since_last_step",
+            "Seconds since the engine last completed a step while requests are pending (0 when idle).",
+        )
+        self.engine_stalled = gauge(
+            "engine_stalled",
+            "1 while work is pending and no engine step completed for --engine-stall-timeout seconds.",
+        )
         self._lock = threading.Lock()
         self._last: dict[str, int] = {}
+
+    def watch_engine(self, engine: Any) -> None:
+        """Heartbeat gauges read from the engine client at scrape time (no per-step cost)."""
+        self.seconds_since_engine_step.set_function(
+            lambda: engine.seconds_since_step() if engine.num_pending else 0.0
+        )
+        self.engine_stalled.set_function(lambda: 1.0 if engine.stalled else 0.0)
 
     # -- engine side: called for every engine step (from the engine reader thread) -----------
 
@@ -144,6 +160,7 @@ class Metrics:
             self.iteration_tokens.observe(stats.step_tokens)
         with self._lock:  # cumulative engine counters -> increments
             for name, counter in (
+                ("num_steps", self.engine_steps),
                 ("num_preemptions", self.num_preemptions),
                 ("prefix_cache_queries", self.prefix_cache_queries),
                 ("prefix_cache_hits", self.prefix_cache_hits),

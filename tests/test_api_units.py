@@ -278,12 +278,15 @@ def test_engine_stats_become_gauges_and_counter_increments():
 
     def stats(**kw: float) -> SimpleNamespace:
         base = dict(num_running=2, num_waiting=1, kv_cache_usage=0.25, num_preemptions=0, prefix_cache_queries=0,
-                    prefix_cache_hits=0, step_tokens=0)  # fmt: skip
+                    prefix_cache_hits=0, step_tokens=0, num_steps=0)  # fmt: skip
         return SimpleNamespace(**{**base, **kw})
 
-    m.on_engine_stats(stats(prefix_cache_queries=32, prefix_cache_hits=16, step_tokens=32))
-    m.on_engine_stats(stats(prefix_cache_queries=48, prefix_cache_hits=16, num_preemptions=1, step_tokens=2))
-    m.on_engine_stats(stats(prefix_cache_queries=48, prefix_cache_hits=16, num_preemptions=1))  # no step ran
+    m.on_engine_stats(stats(prefix_cache_queries=32, prefix_cache_hits=16, step_tokens=32, num_steps=1))
+    m.on_engine_stats(stats(prefix_cache_queries=48, prefix_cache_hits=16, num_preemptions=1, step_tokens=2,
+                            num_steps=2))  # fmt: skip
+    m.on_engine_stats(
+        stats(prefix_cache_queries=48, prefix_cache_hits=16, num_preemptions=1, num_steps=2)
+    )  # no step ran
     assert _sample(m, "grace_serve_prefix_cache_queries_total") == 48
     assert _sample(m, "grace_serve_prefix_cache_hits_total") == 16
     assert _sample(m, "grace_serve_num_preemptions_total") == 1
@@ -291,6 +294,7 @@ def test_engine_stats_become_gauges_and_counter_increments():
     assert _sample(m, "grace_serve_iteration_tokens_total_sum") == 34
     assert _sample(m, "grace_serve_kv_cache_usage_perc") == 0.25
     assert _sample(m, "grace_serve_num_requests_running") == 2
+    assert _sample(m, "grace_serve_engine_steps_total") == 2
 
 
 # -- the gateway, in process (no engine: the lifespan is not run) ------------------------------------

@@ -7,6 +7,7 @@ it sees every response, streaming ones to their last byte, and never buffers a b
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -28,9 +29,10 @@ from server.config import ServerConfig
 from server.model.processor import PromptError
 
 from . import chat
+from .body import OffLoopJSONRoute
 from .chat import check_model, get_state
 from .errors import INVALID, APIError, bad_request, install_error_handlers, unavailable
-from .prompts import chat_inputs, check_token_ids
+from .prompts import chat_inputs, check_token_ids, tokenize_text
 from .protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
 from .state import ServerState
 
@@ -201,14 +203,13 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> tuple[
 def _router() -> Any:
     from fastapi import APIRouter
 
-    router = APIRouter()
+    router = APIRouter(route_class=OffLoopJSONRoute)
 
     @router.get("/health")
     async def health(request: Request) -> Response:
-        state = get_state(request)
-        if state.healthy:
+        reason = get_state(request).unhealthy_reason
+        if reason is None:
             return JSONResponse({"status": "ok"})
-        reason = "draining" if state.draining else "engine_unavailable"
         return unavailable(f"not serving: {reason}", reason, 5).response()
 
     @router.get("/metrics")
@@ -250,7 +251,7 @@ def _router() -> Any:
             ids = (await chat_inputs(state, body.messages, body.add_generation_prompt)).prompt_token_ids
         else:
             try:
-                ids = state.processor.encode(body.prompt or "")
+                ids = await tokenize_text(state, body.prompt or "")
             except PromptError as e:
                 raise bad_request(str(e), "prompt") from e
         return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
@@ -260,7 +261,8 @@ def _router() -> Any:
         state = get_state(request)
         check_model(state, body.model)
         check_token_ids(state, body.tokens, "tokens")
-        return {"prompt": state.processor.decode(body.tokens, skip_special_tokens=False)}
+        text = await asyncio.to_thread(state.processor.decode, body.tokens, False)  # up to 1M ids
+        return {"prompt": text}
 
     return router
 

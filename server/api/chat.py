@@ -22,12 +22,13 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from server.engine.client import EngineDeadError, EngineRequestError, RequestDelta
+from server.engine.client import EngineDeadError, EngineRequestError, EngineRequestFailed, RequestDelta
 from server.engine.outputs import Logprob
 from server.engine.sampling_params import SamplingParams
 from server.metrics import RequestMetrics
 from server.model.processor import PromptInputs
 
+from .body import OffLoopJSONRoute
 from .errors import SERVER, UNAVAILABLE, APIError, bad_request, error_body
 from .fanout import CombinedMetrics, merge_streams
 from .prompts import chat_inputs, completion_inputs, fit_to_context, sampling_params
@@ -35,7 +36,7 @@ from .protocol import ChatCompletionRequest, ChatCompletionResponse, CompletionR
 from .state import ServerState, Ticket
 
 log = logging.getLogger("grace_serve.api")
-router = APIRouter()
+router = APIRouter(route_class=OffLoopJSONRoute)
 T = TypeVar("T")
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 
@@ -130,6 +131,8 @@ def _engine_error(e: Exception) -> APIError:
     if isinstance(e, EngineDeadError):
         return APIError(503, "the inference engine stopped; retry later", UNAVAILABLE, None, "engine_dead",
                         {"Retry-After": "5"})  # fmt: skip
+    if isinstance(e, EngineRequestFailed):  # this request only; the engine serves on
+        return APIError(500, f"the engine failed this request: {e}", SERVER, None, "engine_request_failed")
     return APIError(500, "internal server error", SERVER, None, "internal_error")
 
 
@@ -219,7 +222,7 @@ async def _serve(
         return Response(status_code=499)
     except APIError:
         raise
-    except (EngineDeadError, EngineRequestError) as e:
+    except (EngineDeadError, EngineRequestError, EngineRequestFailed) as e:
         raise _engine_error(e) from e
     return JSONResponse(render_full(choices, rm))
 
@@ -397,7 +400,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     async def prepare() -> Prepared:
         return [
             (inputs, fit_to_context(state, params, len(inputs.prompt_token_ids), "prompt", "max_tokens"))
-            for inputs in completion_inputs(state, body)
+            for inputs in await completion_inputs(state, body)
         ]
 
     def chunk(choices: list[dict[str, Any]], usage: Any = ...) -> bytes:

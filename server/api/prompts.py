@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import MAX_CHOICES, SamplingParams
 from server.model.images import ImageError, ProcessedImage
-from server.model.processor import PromptError, PromptInputs
+from server.model.processor import LONG_TEXT_CHARS, PromptError, PromptInputs
 
 from .errors import APIError, bad_request
 from .media import check_allowed, fetch_image, url_scheme
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from .state import ServerState
 
+# Image decoding holds the GIL in stretches (allocating a 36-Mpx frame, converting it): two
+# threads keep the cores busy without a crowd of GIL holders in front of the event loop.
+_IMAGE_WORKERS = ThreadPoolExecutor(2, thread_name_prefix="image-decode")
 _DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 _FALLBACK = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
@@ -68,15 +72,43 @@ async def chat_inputs(
         )
     for param, url in sources:  # refuse cheap-to-spot problems before any decoding work
         _check_source(state, param, url)
-    try:
-        text = processor.render_chat(normalized, add_generation_prompt)
-    except PromptError as e:
-        raise bad_request(str(e), "messages") from e
+    check_text_size(state, sum(_text_chars(m.content) for m in messages), "messages")
     images = await asyncio.gather(*(_load_image(state, param, url) for param, url in sources))
+
+    def build() -> PromptInputs:  # template and tokenizer: off the event loop
+        return processor.build_inputs(processor.render_chat(normalized, add_generation_prompt), list(images))
+
     try:
-        return await asyncio.to_thread(processor.build_inputs, text, list(images))
+        return await asyncio.to_thread(build)
     except PromptError as e:
         raise bad_request(str(e), "messages") from e
+
+
+def _text_chars(content: str | list[Any] | None) -> int:
+    if isinstance(content, str):
+        return len(content)
+    return sum(len(part.text or "") for part in content or [])
+
+
+def check_text_size(state: ServerState, num_chars: int, param: str) -> None:
+    """Refuse text that cannot fit the context before tokenizing it (tokenizing megabytes
+    takes seconds): its fewest possible tokens already exceed max_model_len."""
+    fewest, limit = state.processor.min_tokens(num_chars), state.max_model_len
+    if fewest >= limit:
+        raise APIError(
+            400,
+            f"the prompt has {num_chars} characters, at least {fewest} tokens, which leaves no room to "
+            f"generate within the maximum context length of {limit} tokens",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+async def tokenize_text(state: ServerState, text: str) -> list[int]:
+    """Token ids of a raw prompt, tokenized off the event loop when it is long."""
+    if len(text) < LONG_TEXT_CHARS:
+        return state.processor.encode(text)
+    return await asyncio.to_thread(state.processor.encode, text)
 
 
 def _check_source(state: ServerState, param: str, url: str) -> None:
@@ -103,7 +135,7 @@ async def _load_image(state: ServerState, param: str, url: str) -> ProcessedImag
             raise bad_request(str(e), param, "invalid_image_url") from e
     try:
         t0 = time.perf_counter()
-        image = await asyncio.to_thread(state.processor.load, source)
+        image = await asyncio.get_running_loop().run_in_executor(_IMAGE_WORKERS, state.processor.load, source)
         state.metrics.image_preprocess.observe(time.perf_counter() - t0)
         return image
     except (ImageError, PromptError) as e:
@@ -113,7 +145,7 @@ async def _load_image(state: ServerState, param: str, url: str) -> ProcessedImag
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (each is an engine request)
 
 
-def completion_inputs(state: ServerState, req: CompletionRequest) -> list[PromptInputs]:
+async def completion_inputs(state: ServerState, req: CompletionRequest) -> list[PromptInputs]:
     """The prompts of a completions request: a string, a list of token ids, or a list of
     either (one choice group per prompt, in order)."""
     prompt: Any = req.prompt
@@ -125,14 +157,24 @@ def completion_inputs(state: ServerState, req: CompletionRequest) -> list[Prompt
         raise bad_request("prompt must not be empty", "prompt")
     if len(prompts) > MAX_PROMPTS:
         raise bad_request(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt")
-    inputs = []
-    for one in prompts:
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise bad_request(
+            f"n ({req.n}) x prompts ({len(prompts)}) is more than {MAX_CHOICES} choices in one request", "n"
+        )
+    for one in prompts:  # every cheap refusal before any tokenizing
         if not one:
             raise bad_request("prompt must not be empty", "prompt")
         if isinstance(one, list):
             check_token_ids(state, one, "prompt")
+        else:
+            check_text_size(state, len(one), "prompt")
+    inputs = []
+    for one in prompts:
         try:
-            inputs.append(state.processor.process_prompt(one))
+            ids = one if isinstance(one, list) else await tokenize_text(state, one)
+            inputs.append(
+                replace(state.processor.process_prompt(ids), prompt=one if isinstance(one, str) else None)
+            )
         except PromptError as e:
             raise bad_request(str(e), "prompt") from e
     return inputs
@@ -169,10 +211,6 @@ def sampling_params(state: ServerState, req: ChatCompletionRequest | CompletionR
         if req.suffix:
             raise bad_request("suffix is not supported", "suffix")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > 16:
-        raise bad_request("at most 16 stop strings", "stop")
-    if any(s == "" for s in stop):
-        raise bad_request("stop strings must not be empty", "stop")
     if req.stop_token_ids:
         check_token_ids(state, req.stop_token_ids, "stop_token_ids")
     if max_tokens is not None and req.min_tokens > max_tokens:

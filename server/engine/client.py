@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import multiprocessing as mp
@@ -34,6 +35,7 @@ from .sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.2  # how often the reader checks that the engine is alive
+_HEARTBEAT_S = 0.5  # an engine loop with work but nothing to report still reports this often
 
 
 class EngineDeadError(RuntimeError):
@@ -42,6 +44,11 @@ class EngineDeadError(RuntimeError):
 
 class EngineRequestError(ValueError):
     """The engine refused the request (e.g. it can never fit); a client error (HTTP 400)."""
+
+
+class EngineRequestFailed(RuntimeError):
+    """The engine failed this request alone (a fault in its own inputs) and kept serving the
+    others; a server error (HTTP 500) for this request only."""
 
 
 @dataclass
@@ -84,6 +91,11 @@ def _follow_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
 
+def _brief(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def engine_main(args: EngineArgs, inbox: Any, outbox: Any) -> None:
     """The engine process's loop: apply commands, step, publish outputs + stats."""
     from .core import EngineCore, RequestRejected
@@ -95,7 +107,10 @@ def engine_main(args: EngineArgs, inbox: Any, outbox: Any) -> None:
     except BaseException as e:  # report load failures to the API side before dying
         outbox.put(("failed", f"{type(e).__name__}: {e}"))
         raise
+    gc.collect()
+    gc.freeze()  # the model and its tables live as long as the process: no full GC passes over them
     outbox.put(("ready", core.stats()))
+    last_sent = time.monotonic()
     while True:
         commands = []
         if not core.has_unfinished():
@@ -109,10 +124,15 @@ def engine_main(args: EngineArgs, inbox: Any, outbox: Any) -> None:
         errors: list[tuple[str, str]] = []
         for cmd, *payload in commands:
             if cmd == "add":
+                rid = payload[0].request_id
                 try:
                     core.add_request(payload[0])
                 except RequestRejected as e:
-                    errors.append((payload[0].request_id, str(e)))
+                    errors.append((rid, str(e)))
+                except Exception as e:  # a fault in this request's own inputs: only it fails
+                    log.exception("request %s could not be added", rid)
+                    core.abort_request(rid)  # in case part of it was registered
+                    outputs.append(EngineOutput(rid, 0, [], finish_reason="error", error=_brief(e)))
             elif cmd == "abort":
                 outputs += core.abort_request(payload[0])
             elif cmd == "finish_seq":
@@ -124,16 +144,20 @@ def engine_main(args: EngineArgs, inbox: Any, outbox: Any) -> None:
         if stepped:
             try:
                 outputs += core.step()
-            except Exception:
-                outbox.put(("failed", traceback.format_exc()))
+            except Exception:  # shared state (the model step, the KV pool): the engine ends
+                context = core.describe_step()
+                log.critical("engine step failed; the engine stops. The step:\n%s", context, exc_info=True)
+                outbox.put(("failed", f"{traceback.format_exc()}\nthe failed step: {context}"))
                 raise
         stats = core.stats()
         if not stepped:
             stats.step_tokens = 0  # no step ran this round (only commands were applied)
         if stepped and not stats.step_tokens and not outputs and not errors and not commands:
             time.sleep(0.001)  # nothing could be scheduled (should not happen): never spin hot
-            continue
+            if time.monotonic() - last_sent < _HEARTBEAT_S:
+                continue  # ...but say now and then that the loop is alive
         outbox.put(("step", outputs, errors, stats))
+        last_sent = time.monotonic()
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,9 +171,15 @@ class _Pending:
 
 
 class AsyncEngine:
-    def __init__(self, args: EngineArgs, inline: bool = False) -> None:
+    def __init__(self, args: EngineArgs, inline: bool = False, stall_timeout: float = 30.0) -> None:
         self.args = args
         self.inline = inline
+        # Work pending and no engine step for this long: the engine counts as stalled (a hung
+        # process is alive but serves nobody). Load and graph capture happen before "ready".
+        self.stall_timeout = stall_timeout
+        self._last_progress = time.monotonic()  # last message from the engine loop
+        self._busy_since = time.monotonic()  # when work last became pending after none
+        self._stall_logged = False
         self._pending: dict[str, _Pending] = {}
         self._ids = itertools.count()
         self._stats = EngineStats()
@@ -221,6 +251,27 @@ class AsyncEngine:
     def dead_reason(self) -> str | None:
         return self._dead
 
+    def seconds_since_step(self) -> float:
+        """Seconds since the engine last reported a step (or since work arrived, if later)."""
+        return time.monotonic() - max(self._last_progress, self._busy_since)
+
+    @property
+    def stalled(self) -> bool:
+        """Work is pending and the engine has not completed a step for stall_timeout seconds
+        (a hung or stopped engine process). Clears itself when steps resume."""
+        stalled = bool(self._pending) and self.healthy and self.seconds_since_step() > self.stall_timeout
+        if stalled != self._stall_logged:
+            self._stall_logged = stalled
+            if stalled:
+                log.error(
+                    "the engine made no progress for %.1f s with %d request(s) pending (stall timeout "
+                    "%.0f s): /health reports 503", self.seconds_since_step(), len(self._pending),
+                    self.stall_timeout,
+                )  # fmt: skip
+            else:
+                log.warning("the engine is making progress again")
+        return stalled
+
     @property
     def pid(self) -> int | None:
         return getattr(self._proc, "pid", None)
@@ -250,6 +301,7 @@ class AsyncEngine:
             kind = msg[0]
             if kind == "step":
                 _, outputs, errors, stats = msg
+                self._last_progress = time.monotonic()
                 self._stats = stats
                 if self.on_stats is not None:
                     try:
@@ -298,6 +350,8 @@ class AsyncEngine:
         if rid in self._pending:
             raise EngineRequestError(f"request id {rid!r} is already in use")
         pending = _Pending(asyncio.get_running_loop())
+        if not self._pending:
+            self._busy_since = time.monotonic()  # the stall clock starts with the work
         self._pending[rid] = pending
         trackers = [SequenceTracker(self.processor, params, i) for i in range(params.n)]
         req = EngineRequest(rid, inputs.prompt_token_ids, params, inputs.images, self.processor.eos_token_ids)
@@ -315,6 +369,8 @@ class AsyncEngine:
                 for out in batch:
                     if isinstance(out, Exception):
                         raise out
+                    if out.finish_reason == "error":
+                        raise EngineRequestFailed(out.error or "the engine failed this request")
                     t = trackers[out.index]
                     if out.num_prompt_tokens:
                         num_cached = max(num_cached, out.num_cached_tokens)

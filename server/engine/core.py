@@ -19,7 +19,7 @@ from server.transfer import to_device
 
 from .kv_cache import BlockManager, BlockSpans
 from .memory import MemoryProfile, grid_for_tokens, kv_bytes_per_block, largest_image_grid, profile_memory
-from .runner import ModelRunner, PendingTokens, SequenceData
+from .runner import ChunkFault, ModelRunner, PendingTokens, SequenceData
 from .sampler import PendingSample, SamplingInput, sample_async
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, Sequence, Status
@@ -68,6 +68,7 @@ class EngineOutput:
     new_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
+    error: str | None = None  # finish_reason "error": what failed (this request only)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     queue_time: float | None = None  # seconds waiting before first scheduled
@@ -86,6 +87,7 @@ class EngineStats:
     prefix_cache_hits: int = 0
     step_tokens: int = 0
     vision_runs: int = 0
+    num_steps: int = 0  # steps run since start: the heartbeat the API side watches
 
 
 @dataclass
@@ -142,6 +144,8 @@ class EngineCore:
         self.requests: dict[str, list[Sequence]] = {}
         self.eos: dict[str, frozenset[int]] = {}
         self.last_step_tokens = 0
+        self.num_steps = 0
+        self.last_step: SchedulerOutput | None = None
         self._inflight: _InFlight | None = None
         # Overlap the host's work with the device's: only worth it where they run in parallel.
         cuda = model.device.type == "cuda"
@@ -234,33 +238,46 @@ class EngineCore:
             raise RequestRejected(
                 f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) can never fit in the KV cache"
             )
+        try:
+            req.params.validate()  # LLM callers and tests may have changed fields after construction
+        except ValueError as e:
+            raise RequestRejected(str(e)) from e
+        # Everything that can fail is computed before the scheduler sees the request.
         positions, delta = mrope_positions(
             req.prompt_token_ids, [im.grid_thw for im in req.images], self.image_token_id, self.merge_size
         )
         spans = _image_spans(req.prompt_token_ids, req.images, self.image_token_id)
+        stop = set(req.params.stop_token_ids)
+        if not req.params.ignore_eos:
+            stop |= set(req.eos_token_ids)
         seqs = []
         for i in range(req.params.n):
             data = SequenceData.from_prompt(req.prompt_token_ids, req.images, positions, delta)
             seq = Sequence(req.request_id, i, data, req.params, spans, arrival_time=time.monotonic())
             seq.gate = seqs[0] if i > 0 and self.block_manager.enable_prefix_caching else None
             seqs.append(seq)
+        for seq in seqs:
             self.scheduler.add(seq)
         self.requests[req.request_id] = seqs
-        stop = set(req.params.stop_token_ids)
-        if not req.params.ignore_eos:
-            stop |= set(req.eos_token_ids)
         self.eos[req.request_id] = frozenset(stop)
 
     def abort_request(self, request_id: str) -> list[EngineOutput]:
+        return self._end_request(request_id, "abort")
+
+    def fail_request(self, request_id: str, error: str) -> list[EngineOutput]:
+        """A fault attributable to this request alone: end it (all its siblings) with an
+        error and free its blocks; every other request keeps running."""
+        log.error("request %s failed in the engine and was ended: %s", request_id, error)
+        return self._end_request(request_id, "error", error)
+
+    def _end_request(self, request_id: str, reason: str, error: str | None = None) -> list[EngineOutput]:
         seqs = self.requests.pop(request_id, None)
         self.eos.pop(request_id, None)
-        if not seqs:
-            return []
         outs = []
-        for seq in seqs:
+        for seq in seqs or []:
             if seq.status is not Status.FINISHED:
-                self.scheduler.finish(seq, "abort")
-                outs.append(EngineOutput(request_id, seq.index, [], finish_reason="abort"))
+                self.scheduler.finish(seq, reason)
+                outs.append(EngineOutput(request_id, seq.index, [], finish_reason=reason, error=error))
         return outs
 
     def finish_sequence(self, request_id: str, index: int, reason: str = "stop") -> None:
@@ -282,39 +299,100 @@ class EngineCore:
         """Schedule and launch one step, then return the outputs of the step before it (async
         scheduling: the device runs this step while the host reads the last one's tokens and
         books them) or of this one (sync)."""
+        self.num_steps += 1
         sched = self.scheduler.schedule()
+        self.last_step = sched  # for describe_step() if this step fails
         self.last_step_tokens = sched.num_tokens
         inflight, self._inflight = self._inflight, None
         logits = None
+        failed: list[EngineOutput] = []
         if sched.chunks:
-            logits = self.runner.run(sched.chunks, inflight.pending if inflight else None)
-        outputs = self._collect(inflight) if inflight else []
+            try:
+                logits = self.runner.run(sched.chunks, inflight.pending if inflight else None)
+            except ChunkFault as fault:
+                # Nothing ran: the other chunks are scheduled again by the next step.
+                failed = self.fail_request(sched.seqs[fault.chunk_index].request_id, str(fault))
+                sched = SchedulerOutput([], [])
+                self.last_step_tokens = 0
+        outputs = failed + (self._collect(inflight) if inflight else [])
         if sched.chunks:
             self.scheduler.after_step(sched)  # after _collect: full blocks hash the tokens it adds
-            launched = self._launch_sampling(sched, logits)
+            launched, failed = self._launch_sampling(sched, logits)
+            outputs += failed
             if launched is not None and self.async_scheduling:
                 self._inflight = launched
             elif launched is not None:
                 outputs += self._collect(launched)
         return outputs
 
-    def _launch_sampling(self, sched: SchedulerOutput, logits: torch.Tensor) -> _InFlight | None:
+    def describe_step(self) -> str:
+        """The requests of the last step, for the log when a step fails (as vLLM dumps it):
+        ids, chunk ranges, prompt and image sizes, sampling parameters."""
+        sched = self.last_step
+        seqs = sched.seqs if sched is not None else list(self.scheduler.running)
+        chunks = sched.chunks if sched is not None else [None] * len(seqs)
+        lines = [f"{len(seqs)} sequence(s), {sum(c.end - c.start for c in chunks if c)} token(s):"]
+        for seq, c in zip(seqs, chunks):
+            span = f"tokens {c.start}:{c.end}" if c is not None else f"{seq.num_tokens} tokens"
+            lines.append(
+                f"  {seq.request_id}#{seq.index} {seq.status.value} {span} prompt={seq.num_prompt} "
+                f"images={[im.grid_thw for im in seq.data.images]} blocks={len(seq.block_table)} "
+                f"params={seq.params}"
+            )
+        return "\n".join(lines)
+
+    def _launch_sampling(
+        self, sched: SchedulerOutput, logits: torch.Tensor
+    ) -> tuple[_InFlight | None, list[EngineOutput]]:
         """Queue sampling for the chunks that end their sequence's known tokens (rows of
-        sequences finished since scheduling are dropped)."""
+        sequences finished since scheduling are dropped). A row whose own inputs make the
+        sampler fail ends its request; the other rows are sampled as usual."""
         wanted = [s for c, s in zip(sched.chunks, sched.seqs) if c.want_logits]
         keep = [i for i, s in enumerate(wanted) if s.status is Status.RUNNING]
+        failed: list[EngineOutput] = []
+        try:
+            pending = self._sample(logits, wanted, keep)
+        except Exception as e:
+            bad = [i for i in keep if not self._samples_alone(logits, wanted[i], i)]
+            if not bad or not self._samples_plainly(logits, wanted[bad[0]], bad[0]):
+                raise  # no row fails alone, or even plain sampling fails: the step's fault
+            for i in bad:
+                failed += self.fail_request(wanted[i].request_id, f"sampling failed: {type(e).__name__}: {e}")
+            keep = [i for i in keep if wanted[i].status is Status.RUNNING]
+            pending = self._sample(logits, wanted, keep)
+        if pending is None:
+            return None, failed
+        seqs = [wanted[i] for i in keep]
+        for seq in seqs:
+            seq.num_pending += 1
+        tokens = PendingTokens(pending.token_ids, {s.data: i for i, s in enumerate(seqs)})
+        return _InFlight(seqs, pending, tokens), failed
+
+    def _sample(self, logits: torch.Tensor, wanted: list[Sequence], keep: list[int]) -> PendingSample | None:
         if not keep:
             return None
         if len(keep) < len(wanted):
             logits = logits.index_select(0, to_device(keep, logits.device, torch.long))
         seqs = [wanted[i] for i in keep]
-        rows = [SamplingInput(s.params, s.data, s.index, self.eos[s.request_id]) for s in seqs]
-        pending = sample_async(logits, rows)
-        for seq in seqs:
-            seq.num_pending += 1
-        return _InFlight(
-            seqs, pending, PendingTokens(pending.token_ids, {s.data: i for i, s in enumerate(seqs)})
+        return sample_async(
+            logits, [SamplingInput(s.params, s.data, s.index, self.eos[s.request_id]) for s in seqs]
         )
+
+    def _samples_alone(self, logits: torch.Tensor, seq: Sequence, row: int) -> bool:
+        try:
+            self._sample(logits[row : row + 1], [seq], [0])
+        except Exception:
+            return False
+        return True
+
+    @staticmethod
+    def _samples_plainly(logits: torch.Tensor, seq: Sequence, row: int) -> bool:
+        """The control: the same row with default sampling parameters."""
+        try:
+            sample_async(logits[row : row + 1], [SamplingInput(SamplingParams(), seq.data)])
+        except Exception:
+            return False
+        return True
 
     def _collect(self, inflight: _InFlight) -> list[EngineOutput]:
         """Wait for a launched sample's tokens, append them and decide which sequences end."""
@@ -366,6 +444,7 @@ class EngineCore:
             prefix_cache_hits=bm.stats.hits,
             step_tokens=self.last_step_tokens,
             vision_runs=self.runner.vision_runs,
+            num_steps=self.num_steps,
         )
 
 

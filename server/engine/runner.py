@@ -21,6 +21,15 @@ from server.transfer import to_device
 from .cuda_graphs import DecodeGraphs
 
 
+class ChunkFault(Exception):
+    """Preparing one scheduled chunk failed before the model ran (its images, say): the
+    fault is that request's, and no shared state has changed yet."""
+
+    def __init__(self, chunk_index: int, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.chunk_index = chunk_index
+
+
 @dataclass(eq=False)
 class SequenceData:
     """The model-side state of one sequence: its tokens (prompt, then generated, appended in
@@ -281,7 +290,7 @@ class ModelRunner:
         text_pos: list[int] = []  # run of positions equal on all three M-RoPE axes
         mm_parts: list[tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
         fill = _Fill()
-        for c in chunks:
+        for index, c in enumerate(chunks):
             seq, start, end = c.seq, c.start, c.end
             ids += seq.token_ids[start:end]
             if end > len(seq.token_ids):  # the last token is still on the device
@@ -296,7 +305,10 @@ class ModelRunner:
                     pos_parts.append(torch.tensor(text_pos).expand(3, -1))
                     text_pos = []
                 pos_parts.append(seq.positions(start, end))
-                mm = self._mm_rows(c)
+                try:
+                    mm = self._mm_rows(c)
+                except Exception as e:  # this request's images: fail it, not the step
+                    raise ChunkFault(index, e) from e
                 if mm is not None:
                     mm_parts.append((q_loc[-1], mm))
             q_loc.append(q_loc[-1] + end - start)

@@ -16,10 +16,9 @@ import torch
 from server.transfer import to_device
 
 from .runner import SequenceData
-from .sampling_params import SamplingParams
+from .sampling_params import GREEDY_BELOW, SamplingParams
 
 _MASK64 = (1 << 64) - 1
-GREEDY_BELOW = 1e-5
 
 
 @dataclass

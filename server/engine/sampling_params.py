@@ -1,12 +1,23 @@
-"""Per-request sampling settings (vLLM's names and meanings)."""
+"""Per-request sampling settings (vLLM's names and meanings), and the limits on them.
+
+The limits live here once: the HTTP schema (server/api/protocol.py) and the engine both read
+them. Every number a request can set is bounded, so none can overflow a tensor constructor
+inside the engine step.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 128  # n x prompts of one /v1/completions request (each is an engine sequence)
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 512
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOP_K = 2**31 - 1  # a top_k above the vocabulary means "off"; an int32 keeps it a tensor value
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # any 64-bit seed, signed or not
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (logits / t would overflow)
 
 
 @dataclass
@@ -41,10 +52,10 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the field, for anything a request could get wrong."""
         checks: list[tuple[bool, str, str]] = [
-            (self.n >= 1, "n", "must be >= 1"),
+            (1 <= self.n <= MAX_N, "n", f"must be in 1..{MAX_N}"),
             (self.temperature >= 0.0, "temperature", "must be >= 0"),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
-            (self.top_k >= 0, "top_k", "must be -1 (off) or >= 1"),
+            (0 <= self.top_k <= MAX_TOP_K, "top_k", f"must be -1 (off) or in 1..{MAX_TOP_K}"),
             (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
@@ -70,10 +81,16 @@ class SamplingParams:
                 f"strings must be at most {MAX_STOP_CHARS} characters",
             ),
             (
-                all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+                all(isinstance(t, int) and 0 <= t <= MAX_TOP_K for t in self.stop_token_ids),
                 "stop_token_ids",
                 "must be token ids",
             ),
+            (
+                len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+                "stop_token_ids",
+                f"must have at most {MAX_STOP_TOKEN_IDS} ids",
+            ),
+            (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "seed", "must be a 64-bit integer"),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -83,4 +100,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5  # same cut as the sampler
+        return self.temperature < GREEDY_BELOW

@@ -39,6 +39,9 @@ def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
+LONG_TEXT_CHARS = 4096  # longer texts (and id lists) are tokenized without holding the GIL
+
+
 class Processor:
     def __init__(
         self, path: str | Path, config: ModelConfig, image_overrides: dict[str, Any] | None = None
@@ -49,6 +52,9 @@ class Processor:
         if not tok_file.exists():
             raise FileNotFoundError(f"no tokenizer.json in {path}")
         self.tokenizer = Tokenizer.from_file(str(tok_file))
+        # UTF-8 bytes of the longest token string: byte-level and metaspace alphabets spell a
+        # byte with at least one byte, so this bounds the text bytes one token can cover
+        self.max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab(with_added_tokens=True))
         self.chat_template = _read_chat_template(path)
         pre = path / "preprocessor_config.json"
         pre_cfg = json.loads(pre.read_text()) if pre.exists() else {}
@@ -71,13 +77,27 @@ class Processor:
     # -- text ------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`. Long texts go through the batch API, which releases the GIL
+        while it works (single encode() holds it: a 1 MB text in a worker thread stalled the
+        event loop for seconds)."""
         try:
-            return self.tokenizer.encode(text, add_special_tokens=False).ids
+            if len(text) < LONG_TEXT_CHARS:
+                return self.tokenizer.encode(text, add_special_tokens=False).ids
+            return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
         except TypeError as e:  # e.g. a lone UTF-16 surrogate: not valid Unicode text
             raise PromptError(f"the text cannot be tokenized (invalid Unicode?): {e}") from e
 
+    def min_tokens(self, num_chars: int) -> int:
+        """A lower bound on the tokens of any text of `num_chars` characters, known without
+        tokenizing it: no token covers more than max_token_bytes bytes, nor a character less
+        than one byte."""
+        return -(-num_chars // self.max_token_bytes)
+
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        ids = list(token_ids)
+        if len(ids) < LONG_TEXT_CHARS:
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]  # frees the GIL
 
     # -- chat ------------------------------------------------------------------------------
 
