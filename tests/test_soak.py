@@ -37,6 +37,7 @@ soak = load_soak()
 # -- the short soak -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_short_soak_passes(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     cmd = [sys.executable, str(REPO / "loadtest" / "soak.py"), "--duration", "30", "--concurrency", "12", "--max-tokens", "8",
