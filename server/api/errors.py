@@ -164,7 +164,10 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code in (404, 405):
             message = f"{request.method} {request.url.path}: {message}"
-        return APIError(exc.status_code, message, INVALID, None, codes.get(exc.status_code)).response()
+        headers = dict(exc.headers or {})  # e.g. Allow on a 405
+        return APIError(
+            exc.status_code, message, INVALID, None, codes.get(exc.status_code), headers
+        ).response()
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
