@@ -162,6 +162,32 @@ def test_websocket_refusal_in_process():
     asyncio.run(go())
 
 
+def test_failure_outside_fastapi_is_an_openai_500(caplog):
+    """An exception that escapes the FastAPI app before any response (FastAPI's own handlers
+    answer everything inside it) used to propagate to uvicorn, which answers a text/plain
+    "Internal Server Error". Now the gateway answers the OpenAI 500 and logs the traceback."""
+    from server.api.app import create_app
+    from server.config import ServerConfig
+
+    asgi, _ = create_app(ServerConfig())
+
+    async def broken(scope, receive, send) -> None:
+        raise RuntimeError("secret detail")
+
+    asgi.app = broken
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=asgi)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await c.get("/v1/models", headers={"X-Request-Id": "edge-1"})
+
+    r = asyncio.run(go())
+    assert r.status_code == 500
+    err = _assert_openai_error(r.json(), "server_error", "internal_error")
+    assert "edge-1" in err["message"] and "secret" not in r.text
+    assert "secret detail" in caplog.text
+
+
 # -- the OpenAPI document ---------------------------------------------------------------------------
 
 

@@ -37,6 +37,7 @@ from . import chat
 from .chat import check_model, get_state
 from .errors import (
     INVALID,
+    SERVER,
     UNAVAILABLE,
     APIError,
     ErrorResponse,
@@ -159,9 +160,13 @@ class Gateway:
             else:
                 await self.app(scope, receive, send_with_id)
         except Exception:
-            if status[0] == 0:
-                raise
-            # the app's error handler already answered and logged it; do not log it twice
+            # after a start, the app's error handler already answered and logged it
+            if status[0] == 0:  # a failure outside FastAPI's handlers: never uvicorn's text/plain 500
+                log.exception("internal error in %s %s (request id %s)", scope["method"], path, rid)
+                err = APIError(
+                    500, f"internal server error (request id {rid})", SERVER, None, "internal_error"
+                )
+                await err.response()(scope, receive, send_with_id)
         finally:
             if counted:
                 self.state.inflight -= 1
