@@ -168,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
                     log.error("the engine process died (%s); exiting with status 1", reason)
                     self.dead_since = time.monotonic()
                     state.exit_code = 1
-                # a moment of 503s first: probes see it and in-flight requests send their errors
-                return time.monotonic() - self.dead_since >= DEAD_GRACE_S
+                # a moment of 503s first: probes see it and in-flight requests send their errors;
+                # then whatever still runs (an upload still arriving) gets its 503 too
+                if time.monotonic() - self.dead_since < DEAD_GRACE_S:
+                    return False
+                return self.end_inflight("engine_dead", "the inference engine stopped; retry later")
             if state.draining:
                 if not getattr(self, "_drain_logged", False):
                     self._drain_logged = True

@@ -392,6 +392,30 @@ def test_second_signal_ends_streams_with_shutdown_error_and_done(tmp_path):
         srv.stop()
 
 
+def test_engine_death_answers_an_upload_still_arriving(tmp_path):
+    """The engine process dies while a request body is still arriving. Before: the server
+    exited after uvicorn's graceful timeout had cancelled the request, which got uvicorn's
+    text/plain 500. Now it gets a JSON 503 engine_dead and the server exits 1 promptly."""
+    import os
+
+    srv = ServerProcess(tmp_path, "--max-model-len", "512")
+    try:
+        srv.wait_ready()
+        upload = _upload_head(srv.port, chunked=False)
+        time.sleep(0.5)  # the headers are in: the request is in flight
+        os.kill(srv.engine_pid(), signal.SIGKILL)
+        t0 = time.monotonic()
+        status, _, body = _split(_read_response(upload, 20))
+        assert status == 503, body
+        _assert_openai_error(body, "service_unavailable_error", "engine_dead")
+        srv.proc.wait(timeout=20)
+        assert srv.proc.returncode == 1
+        assert time.monotonic() - t0 < 8
+    finally:
+        srv.stop()
+    assert "Internal Server Error" not in srv.log_text()
+
+
 # -- schema-driven fuzzing ---------------------------------------------------------------------------
 
 
