@@ -105,6 +105,26 @@ def summarize(log_text: str) -> tuple[collections.Counter[tuple[str, str, int]],
     return counts, problems
 
 
+def classify_report(report_dir: Path) -> tuple[list[str], list[str]]:
+    """(findings, fuzzer-internal errors) from schemathesis' JUnit report. A finding is a
+    failed check or a network error (refused, reset, timed out: the server's fault). Internal:
+    hypothesis' "Inconsistent results" raised while schemathesis generates data (seen with
+    some seeds in its coverage phase), which says nothing about the server."""
+    import xml.etree.ElementTree as ET
+
+    findings, internal = [], []
+    for path in sorted(report_dir.glob("junit*.xml")):
+        for case in ET.parse(path).getroot().iter("testcase"):
+            name = case.get("name", "?")
+            for failure in case.iter("failure"):
+                findings.append(f"{name}: {(failure.get('message') or failure.text or '').strip()[:2000]}")
+            for error in case.iter("error"):
+                text = (error.get("message") or "") + "\n" + (error.text or "")
+                flaky = "Runtime Error" in text and ("Inconsistent results" in text or "Flaky" in text)
+                (internal if flaky else findings).append(f"{name}: {text.strip()[:2000]}")
+    return findings, internal
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-url", help="fuzz this server instead of starting a demo one (127.0.0.1 only)")
@@ -146,17 +166,26 @@ def main(argv: list[str] | None = None) -> int:
         exit_code = stop_server(proc) if proc is not None else None
     print(f"\nfuzzed for {time.monotonic() - t0:.0f} s; schemathesis exit status {rc}")
     problems: list[str] = []
+    if rc == 1:  # failures or errors: which ones?
+        findings, internal = classify_report(work / "report")
+        for line in internal:
+            print("fuzzer-internal error (not a server finding):", line.splitlines()[0])
+        if findings or not internal:
+            problems.append(f"schemathesis found {len(findings)} problem(s); see its output above")
+    elif rc != 0:
+        problems.append(f"schemathesis exited with {rc}")
     if proc is not None:
-        counts, problems = summarize(log_path.read_text(errors="replace"))
+        counts, log_problems = summarize(log_path.read_text(errors="replace"))
+        problems += log_problems
         print("server answers (method, route, status: count):")
         for (method, path, status), n in sorted(counts.items()):
             print(f"  {method:7} {path:22} {status}: {n}")
         if exit_code != 0:
             problems.append(f"the server exited with {exit_code} (after SIGTERM, 0 expected)")
-        for line in problems[:20]:
-            print("PROBLEM:", line)
         print(f"server log: {log_path}")
-    return 0 if rc == 0 and not problems else 1
+    for line in problems[:20]:
+        print("PROBLEM:", line)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

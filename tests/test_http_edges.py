@@ -432,3 +432,37 @@ def test_schemathesis_fuzz_short(tmp_path):
     r = subprocess.run([*cmd, "--keep", str(tmp_path)], cwd=REPO, timeout=420, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-2000:]
     assert " POST    /v1/chat/completions   200:" in r.stdout  # generation was reached, not only 400s
+
+
+def test_fuzz_script_verdicts(tmp_path):
+    """The script's own judgement, without a fuzz run: failed checks and network errors are
+    findings, hypothesis' "Inconsistent results" inside schemathesis is not; a 5xx or a
+    traceback in the server log is."""
+    import importlib.util
+
+    from api_server import REPO
+
+    spec = importlib.util.spec_from_file_location("fuzz_api", REPO / "loadtest" / "fuzz_api.py")
+    assert spec is not None and spec.loader is not None
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    (tmp_path / "junit-1.xml").write_text(
+        '<?xml version="1.0" encoding="utf-8"?>\n<testsuites><testsuite name="schemathesis">'
+        '<testcase name="POST /a"><error type="error" message="Runtime Error&#10;&#10;Inconsistent '
+        'results: A test case failed on the first run but now succeeds">tb</error></testcase>'
+        '<testcase name="POST /b"><error type="error" message="Network Error&#10;&#10;Read timed out '
+        'after 60.0 seconds">x</error></testcase>'
+        '<testcase name="GET /c"><failure type="failure" message="Server error">500</failure></testcase>'
+        '<testcase name="GET /d" /></testsuite></testsuites>'
+    )
+    findings, internal = fuzz.classify_report(tmp_path)
+    assert [f.split(":")[0] for f in internal] == ["POST /a"]
+    assert [f.split(":")[0] for f in findings] == ["POST /b", "GET /c"]
+    log = (
+        "2026-01-01 00:00:00,000 INFO grace_serve.access: 127.0.0.1 POST /v1/completions 400 1.0ms rid=a \n"
+        "2026-01-01 00:00:00,000 INFO grace_serve.access: 127.0.0.1 GET /v1/models/x 500 1.0ms rid=b \n"
+        "Traceback (most recent call last):\n"
+    )
+    counts, problems = fuzz.summarize(log)
+    assert counts == {("POST", "/v1/completions", 400): 1, ("GET", "/v1/models/{id}", 500): 1}
+    assert len(problems) == 2
