@@ -321,10 +321,10 @@ def test_drain_deadline_ends_streams_requests_and_uploads_cleanly(tmp_path):
     Here, at a 1 s deadline: 3 streams, 1 non-streamed request and 2 uploads (Content-Length
     and chunked) in flight. Each stream ends with a service_unavailable_error event (code
     draining) and then [DONE]; the request and the uploads get an OpenAI 503; exit 0."""
-    srv = ServerProcess(tmp_path, "--max-model-len", "2048", "--drain-timeout", "1")
+    srv = ServerProcess(tmp_path, "--max-model-len", "4096", "--drain-timeout", "1")
     try:
         srv.wait_ready()
-        length = _long_stream_tokens(srv.url, 20.0, 1900)
+        length = _long_stream_tokens(srv.url, 20.0, 4000)
         streams = [_Stream(srv.url, length) for _ in range(3)]
         for st in streams:
             st.start()
@@ -364,15 +364,16 @@ def test_drain_deadline_ends_streams_requests_and_uploads_cleanly(tmp_path):
         srv.stop()
     log = srv.log_text()
     assert "drain timeout" in log and "Internal Server Error" not in log and "Traceback" not in log
+    assert log.count("aborted=draining") == 6, log[-3000:]  # one access line each, marked
 
 
 def test_second_signal_ends_streams_with_shutdown_error_and_done(tmp_path):
     """A second SIGTERM/Ctrl-C during a drain stops at once. Before: streams were dropped
     mid-body. Now they end with an error event (code shutdown) and [DONE] within ~2 s."""
-    srv = ServerProcess(tmp_path, "--max-model-len", "2048", "--drain-timeout", "60")
+    srv = ServerProcess(tmp_path, "--max-model-len", "4096", "--drain-timeout", "60")
     try:
         srv.wait_ready()
-        length = _long_stream_tokens(srv.url, 20.0, 1900)
+        length = _long_stream_tokens(srv.url, 20.0, 4000)
         streams = [_Stream(srv.url, length) for _ in range(2)]
         for st in streams:
             st.start()
