@@ -342,7 +342,8 @@ _ERROR_WHEN = {
     404: "`model` is not the served model (code `model_not_found`)",
     413: "body above --max-request-bytes (code `request_too_large`)",
     503: "draining, queue full, or the engine is gone (code `draining` / `queue_full` / "
-    "`engine_unavailable` / `engine_dead`); has Retry-After",
+    "`engine_unavailable` / `engine_dead`; `shutdown` when a forced stop ended the request); "
+    "has Retry-After",
     500: "a bug (code `internal_error`); the log has the request id",
 }
 _HEALTH_OK = {
