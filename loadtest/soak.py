@@ -13,7 +13,7 @@ logprobs, seeded sampling (the same seed and prompt must give the same text ever
 aborts (a stream closed after a few chunks, a request cancelled after a random delay), and bad
 requests that must be refused with a 4xx OpenAI error body (bad JSON, unknown model, prompts
 over the context, bad images, oversized fields, a body over the size limit). `--hostile` adds
-numbers beyond every sane bound (top_k >= 2^63 ...), off by default until issue 10 item 1 lands.
+numbers beyond every sane bound (top_k >= 2^63 ...), on by default (`--no-hostile` leaves them out).
 
 Every response is classified: `ok` (an expected success in the OpenAI shape), `refused` (the
 expected 4xx with an OpenAI error body {"error": {"message", "type", "param", "code"}}, or a
@@ -1113,10 +1113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rss-interval", type=float, default=2.0, help="seconds between RSS samples (default 2)")
     ap.add_argument("--max-rss-growth-mb", type=float, default=64.0,
                     help="per process: mean RSS of the last fifth of the load minus the second fifth (default 64)")  # fmt: skip
-    ap.add_argument("--hostile", action="store_true",
-                    help="also send numbers beyond every bound (top_k >= 2^63, huge seeds, token ids, max_tokens, n). "
-                         "Off by default: top_k >= 2^63 kills the engine until issue 10 item 1 (bounded numbers, "
-                         "request-level fault isolation) lands")  # fmt: skip
+    ap.add_argument("--hostile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also send numbers beyond every bound (top_k >= 2^63, huge seeds, token ids, max_tokens, n); "
+                         "each must be refused or served while the server stays up (default: on; top_k = 2^63 once "
+                         "ended the engine)")  # fmt: skip
     ap.add_argument("--model", help="model name to send (default: the first of /v1/models)")
     ap.add_argument(
         "--api-key",

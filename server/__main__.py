@@ -2,8 +2,14 @@
 
 Lifecycle: the engine process starts (and loads the model) before the port opens. SIGTERM
 (or Ctrl-C) starts a drain: /health turns 503, new requests get 503, in-flight requests run
-to completion (up to --drain-timeout), then the process exits 0. A second Ctrl-C stops at
-once. If the engine process dies, /health turns 503 and the process exits 1 within seconds.
+to completion (up to --drain-timeout), then the process exits 0. Requests still running at
+the deadline are ended cleanly: a 503 where no response began (an upload still arriving
+too), an SSE error event and `[DONE]` in a stream; then the process exits 0. A second Ctrl-C
+ends everything the same way within about a second (code "shutdown"). If the engine process
+dies, /health turns 503 and the process exits 1 within seconds.
+
+Malformed HTTP (uvicorn's plain-text "Invalid HTTP request received.") is answered with an
+OpenAI-shaped 400 JSON by `openai_http_protocol`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,12 @@ from typing import Any
 
 log = logging.getLogger("grace_serve")
 DEAD_GRACE_S = 1.0  # after the engine dies: serve 503s this long, then exit 1
+# after ending requests (drain deadline, forced stop): wait at most this long for their last bytes
+ABORT_GRACE_S = 2.0
+MALFORMED_HTTP = (
+    "malformed HTTP request: the request line, a header, Content-Length or the chunked framing "
+    "could not be parsed"
+)
 
 _RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
@@ -73,6 +85,36 @@ def _banner(config: Any) -> str:
     )
 
 
+def openai_http_protocol(base: type | None = None) -> type:
+    """uvicorn's HTTP protocol class (httptools where installed, else h11) answering a request
+    it cannot parse (duplicate Content-Length, bad chunk size, bad request line or header)
+    with an OpenAI-shaped 400 JSON instead of its text/plain "Invalid HTTP request received.".
+    Such a request never reaches the app (no request id, no access log line, no metric)."""
+    if base is None:
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+        base = AutoHTTPProtocol
+    from server.api.errors import raw_http_error
+
+    class OpenAIHTTPProtocol(base):  # type: ignore[misc, valid-type]
+        def send_400_response(self, msg: str) -> None:
+            cycle = getattr(self, "cycle", None)
+            if cycle is not None and cycle.response_started and not cycle.response_complete:
+                self.transport.close()  # a response is half sent: nothing valid can follow
+                return
+            headers = list(self.server_state.default_headers)  # date, server
+            self.transport.write(raw_http_error(400, MALFORMED_HTTP, "malformed_http", headers=headers))
+            self.transport.close()
+
+        def _unsupported_upgrade_warning(self) -> None:
+            # an upgrade (h2c, or websocket without a WebSocket library) is served as plain
+            # HTTP; the gateway refuses websocket ones. No warning per request: clients choose it.
+            log.debug("upgrade request served as plain HTTP")
+
+    OpenAIHTTPProtocol.__name__ = OpenAIHTTPProtocol.__qualname__ = f"OpenAI{base.__name__}"
+    return OpenAIHTTPProtocol
+
+
 def main(argv: list[str] | None = None) -> int:
     from server.config import parse_config
 
@@ -89,6 +131,17 @@ def main(argv: list[str] | None = None) -> int:
         """uvicorn, with a drain on the first SIGTERM/SIGINT and an exit when the engine dies."""
 
         dead_since: float | None = None
+        ended_at: float | None = None  # when abort_inflight ended what was still running
+
+        def end_inflight(self, code: str, message: str) -> bool:
+            """End every in-flight request (once), then True when they are gone or the grace passed."""
+            now = time.monotonic()
+            if self.ended_at is None:
+                self.ended_at = now
+                n = asgi.abort_inflight(code, message)
+                if n:
+                    log.warning("ending %d request(s): 503 or an SSE error event + [DONE] (%s)", n, code)
+            return state.inflight == 0 or now - self.ended_at >= ABORT_GRACE_S
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             # signal handler: set flags only; on_tick does the rest
@@ -104,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
 
         async def on_tick(self, counter: int) -> bool:
             if await super().on_tick(counter):
+                if self.force_exit and state.inflight:  # second signal: stop now, but end streams cleanly
+                    return self.end_inflight(
+                        "shutdown", "the server is shutting down; retry on another replica"
+                    )
                 return True
             if state.engine_dead():
                 if self.dead_since is None:
@@ -111,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
                     log.error("the engine process died (%s); exiting with status 1", reason)
                     self.dead_since = time.monotonic()
                     state.exit_code = 1
-                # a moment of 503s first: probes see it and in-flight requests send their errors
-                return time.monotonic() - self.dead_since >= DEAD_GRACE_S
+                # a moment of 503s first: probes see it and in-flight requests send their errors;
+                # then whatever still runs (an upload still arriving) gets its 503 too
+                if time.monotonic() - self.dead_since < DEAD_GRACE_S:
+                    return False
+                return self.end_inflight("engine_dead", "the inference engine stopped; retry later")
             if state.draining:
                 if not getattr(self, "_drain_logged", False):
                     self._drain_logged = True
@@ -122,12 +182,15 @@ def main(argv: list[str] | None = None) -> int:
                         state.inflight,
                         config.drain_timeout,
                     )
-                if state.inflight == 0:
+                if state.inflight == 0 and self.ended_at is None:
                     log.info("drained; shutting down")
                     return True
                 if time.monotonic() > state.drain_deadline:
-                    log.warning("drain timeout: aborting %d request(s)", state.inflight)
-                    return True
+                    if self.ended_at is None:
+                        log.warning("drain timeout: %d request(s) still in flight", state.inflight)
+                    return self.end_inflight(
+                        "draining", "the server is shutting down (drain timeout); retry on another replica"
+                    )
             return False
 
     uv_config = uvicorn.Config(
@@ -135,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         host=config.host,
         port=config.port,
         log_config=None,
+        http=openai_http_protocol(),
         access_log=False,  # the gateway writes one access line per request, with timings
         timeout_graceful_shutdown=5,
         timeout_keep_alive=5,

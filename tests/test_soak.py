@@ -58,9 +58,12 @@ def test_short_soak_passes(tmp_path: Path) -> None:
     assert r["health_after"] == 200 and r["server_exit"] == 0
 
     # every kind was sent and answered as intended
-    assert set(r["by_kind"]) == set(soak.KINDS)  # --hostile off: no hostile kind
+    assert set(r["by_kind"]) == set(soak.KINDS) | set(soak.HOSTILE_KINDS)
     for kind, row in r["by_kind"].items():
         assert row["sent"] >= 1, kind
+        if kind in soak.HOSTILE_KINDS:  # refused or served, never a failure
+            assert row["ok"] + row["refused"] >= 1 and row["unexpected"] == 0, (kind, row)
+            continue
         want = "ok" if kind in soak.SUCCESS_KINDS else "refused" if kind in soak.REFUSAL_KINDS else "aborted"
         assert row[want] >= 1, (kind, row)
     for cls in soak.CLASSES[:3]:
@@ -292,4 +295,4 @@ def test_only_local_urls() -> None:
     with pytest.raises(SystemExit):
         soak.parse_args(["--url", "http://localhost:8000"])
     assert soak.parse_args(["--url", "http://127.0.0.1:8000"]).url == "http://127.0.0.1:8000"
-    assert not soak.parse_args([]).hostile  # off until issue 10 item 1 lands
+    assert soak.parse_args([]).hostile and not soak.parse_args(["--no-hostile"]).hostile

@@ -2,13 +2,18 @@
 log, HTTP metrics, in-flight count).
 
 The gateway is plain ASGI and wraps the whole FastAPI app (outside its error middleware), so
-it sees every response, streaming ones to their last byte, and never buffers a body.
+it sees every response, streaming ones to their last byte, and never buffers a body. It also
+ends requests on the server's side (`Gateway.abort_inflight`, at the drain deadline or a
+forced shutdown) with an OpenAI-shaped ending: a 503 before the response began (the body may
+still be arriving), an SSE error event and `[DONE]` in a stream. WebSocket upgrades get an
+OpenAI-shaped 400.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import re
 import time
@@ -31,7 +36,18 @@ from server.model.processor import PromptError
 from . import chat
 from .body import OffLoopJSONRoute
 from .chat import check_model, get_state
-from .errors import INVALID, APIError, bad_request, install_error_handlers, unavailable
+from .errors import (
+    INVALID,
+    SERVER,
+    UNAVAILABLE,
+    APIError,
+    ErrorResponse,
+    bad_request,
+    error_body,
+    error_bytes,
+    install_error_handlers,
+    unavailable,
+)
 from .prompts import chat_inputs, check_token_ids, tokenize_text
 from .protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
 from .state import ServerState
@@ -62,13 +78,53 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"request body is larger than the limit of {limit} bytes")
 
 
+WEBSOCKET_REFUSAL = (
+    "WebSocket connections are not supported; use HTTP (stream=true streams over server-sent events)"
+)
+
+
+def _is_websocket_upgrade(headers: dict[str, str]) -> bool:
+    connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    return "upgrade" in connection and headers.get("upgrade", "").strip().lower() == "websocket"
+
+
+class Flight:
+    """A request the gateway can end from the server's side (see Gateway.abort_inflight)."""
+
+    __slots__ = ("ended", "reason", "sse", "started", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Future[None] | None = None
+        self.reason: tuple[str, str] | None = None  # (code, message) once aborted
+        self.started = False  # http.response.start sent
+        self.sse = False  # ... as text/event-stream
+        self.ended = False  # the last body message sent
+
+
 class Gateway:
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
         self.state = state
         self.keys = [k.encode() for k in state.config.api_keys]
+        self.flights: set[Flight] = set()
+
+    def abort_inflight(self, code: str, message: str) -> int:
+        """End every in-flight API request now (drain deadline, forced shutdown): each one's
+        handler is cancelled (which aborts its engine requests) and the client gets a 503
+        (response not begun: also a request whose body is still arriving) or, in an SSE
+        stream, `data: {"error": ...}` then `data: [DONE]`. Returns how many were ended."""
+        n = 0
+        for flight in list(self.flights):
+            if flight.reason is None and flight.task is not None and not flight.task.done():
+                flight.reason = (code, message)
+                flight.task.cancel()
+                n += 1
+        return n
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._refuse_websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -89,6 +145,10 @@ class Gateway:
 
         counted = False
         try:
+            if _is_websocket_upgrade(headers):  # an upgrade the HTTP layer left to us as plain HTTP
+                refusal = APIError(400, WEBSOCKET_REFUSAL, INVALID, None, "websocket_not_supported")
+                await refusal.response()(scope, receive, send_with_id)
+                return
             if path not in PUBLIC_PATHS:
                 refusal = self._refuse(path, headers)
                 if refusal is not None:
@@ -97,11 +157,17 @@ class Gateway:
                 receive = self._capped(receive)
                 self.state.inflight += 1
                 counted = True
-            await self.app(scope, receive, send_with_id)
+                await self._abortable(scope, receive, send_with_id, req_state)
+            else:
+                await self.app(scope, receive, send_with_id)
         except Exception:
-            if status[0] == 0:
-                raise
-            # the app's error handler already answered and logged it; do not log it twice
+            # after a start, the app's error handler already answered and logged it
+            if status[0] == 0:  # a failure outside FastAPI's handlers: never uvicorn's text/plain 500
+                log.exception("internal error in %s %s (request id %s)", scope["method"], path, rid)
+                err = APIError(
+                    500, f"internal server error (request id {rid})", SERVER, None, "internal_error"
+                )
+                await err.response()(scope, receive, send_with_id)
         finally:
             if counted:
                 self.state.inflight -= 1
@@ -109,6 +175,71 @@ class Gateway:
             if cleanup is not None:
                 cleanup()
             self._log(scope, rid, status[0] or 500, time.monotonic() - start, req_state)
+
+    async def _abortable(self, scope: Scope, receive: Receive, send: Send, req_state: dict[str, Any]) -> None:
+        """Run the app in its own task so that abort_inflight (or a cancellation of this task by
+        the HTTP server at shutdown) can stop it and still end the response properly."""
+        flight = Flight()
+
+        async def tracked_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                flight.started = True
+                ctype = next((v for k, v in message.get("headers", []) if k.lower() == b"content-type"), b"")
+                flight.sse = ctype.startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                flight.ended = True
+            await send(message)
+
+        flight.task = asyncio.ensure_future(self.app(scope, receive, tracked_send))
+        self.flights.add(flight)
+        try:
+            await flight.task
+        except asyncio.CancelledError:
+            # ours (abort_inflight) or the HTTP server's at shutdown: the handler is gone (its
+            # engine requests aborted); end the response cleanly, then return normally
+            code, message = flight.reason or (
+                "shutdown",
+                "the server is shutting down; retry on another replica",
+            )
+            if not flight.task.done():  # we were cancelled while the handler still runs
+                flight.task.cancel()
+            req_state["aborted"] = code
+            await self._end_aborted(flight, scope, receive, send, code, message)
+        finally:
+            self.flights.discard(flight)
+
+    @staticmethod
+    async def _end_aborted(
+        flight: Flight, scope: Scope, receive: Receive, send: Send, code: str, message: str
+    ) -> None:
+        if flight.ended:
+            return
+        if not flight.started:
+            err = unavailable(message, code, 5)
+            err.headers["Connection"] = "close"  # the request body may not have been read
+            await err.response()(scope, receive, send)
+        elif flight.sse:
+            event = b"data: " + json.dumps(error_body(message, UNAVAILABLE, None, code)).encode() + b"\n\n"
+            await send(
+                {"type": "http.response.body", "body": event + b"data: [DONE]\n\n", "more_body": False}
+            )
+        # else: a non-SSE body half sent; the HTTP server closes the connection
+
+    async def _refuse_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """No WebSocket endpoint exists: answer the upgrade with an OpenAI-shaped 400 through
+        the ASGI WebSocket Denial Response extension where the server has it (uvicorn does),
+        else close (the server then sends a bare 403)."""
+        message = await receive()  # websocket.connect
+        if message["type"] != "websocket.connect":
+            return
+        if "websocket.http.response" in scope.get("extensions", {}):
+            body = error_bytes(400, WEBSOCKET_REFUSAL, INVALID, "websocket_not_supported")
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "websocket.http.response.start", "status": 400, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await send({"type": "websocket.close", "code": 1008})
+        self.state.metrics.http_requests.labels("GET", "other", "400").inc()
 
     def _refuse(self, path: str, headers: dict[str, str]) -> APIError | None:
         s = self.state
@@ -156,6 +287,8 @@ class Gateway:
             return  # probes and scrapes would drown the log
         extra = req_state.get("access")
         fields = extra() if callable(extra) else {}
+        if req_state.get("aborted"):
+            fields = {**fields, "aborted": req_state["aborted"]}
         client = scope.get("client") or ("-", 0)
         detail = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
         access_log.info(
@@ -197,7 +330,93 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> tuple[
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(_router())
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return Gateway(app, state), state
+
+
+# -- the OpenAPI document: the status codes and bodies the server really sends -----------------
+
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+_ERROR_WHEN = {
+    400: "invalid request: a field (`param` names it), the JSON, an image, or the context length",
+    401: "missing or wrong API key (only when the server runs with --api-key)",
+    404: "`model` is not the served model (code `model_not_found`)",
+    413: "body above --max-request-bytes (code `request_too_large`)",
+    503: "draining, queue full, or the engine is gone (code `draining` / `queue_full` / "
+    "`engine_unavailable` / `engine_stalled` / `engine_dead`; `shutdown` when a forced stop ended the "
+    "request); has Retry-After",
+    500: "a bug (code `internal_error`; the log has the request id), or the engine failed this request "
+    "alone (code `engine_request_failed`; other requests are unaffected)",
+}
+_HEALTH_OK = {
+    "type": "object",
+    "properties": {"status": {"type": "string", "enum": ["ok"]}},
+    "required": ["status"],
+}
+_VERSION = {
+    "type": "object",
+    "properties": {"version": {"type": "string"}, "model": {"type": "string"}, "max_model_len": {"type": "integer"}},
+    "required": ["version", "model", "max_model_len"],
+}  # fmt: skip
+
+
+def _error(status: int, description: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "description": description or _ERROR_WHEN[status],
+        "content": {"application/json": {"schema": _ERROR_REF}},
+    }
+    if status == 503:
+        out["headers"] = {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}
+    return out
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, corrected: no 422 (validation errors are 400), every error status
+    a route can answer with the OpenAI error body (ErrorResponse), /metrics as Prometheus
+    text, /health's 200 and 503, /version's fields."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(error_schema.pop("$defs", {}))
+    schemas["ErrorResponse"] = error_schema
+    for path, ops in doc.get("paths", {}).items():
+        for method, op in ops.items():
+            responses: dict[str, Any] = op.setdefault("responses", {})
+            responses.pop("422", None)
+            codes: list[int] = []
+            if path not in PUBLIC_PATHS:  # the gateway: auth, draining, body size
+                codes += [401, 503] + ([413] if method == "post" else [])
+            if method == "post":
+                codes.append(400)
+            if path.startswith("/v1/models/") or method == "post":
+                codes.append(404)
+            codes.append(500)
+            for code in sorted(set(codes)):
+                responses.setdefault(str(code), _error(code))
+    paths = doc.get("paths", {})
+    if "/health" in paths:
+        paths["/health"]["get"]["responses"] = {
+            "200": {"description": "serving", "content": {"application/json": {"schema": _HEALTH_OK}}},
+            "503": _error(503, "not serving: draining (code `draining`) or the engine is gone "
+                          "(`engine_unavailable`) or stalled (`engine_stalled`); has Retry-After"),
+        }  # fmt: skip
+    if "/metrics" in paths:
+        paths["/metrics"]["get"]["responses"] = {
+            "200": {
+                "description": "Prometheus text exposition format (see docs/METRICS.md)",
+                "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            }
+        }
+    if "/version" in paths:
+        paths["/version"]["get"]["responses"]["200"]["content"] = {"application/json": {"schema": _VERSION}}
+    app.openapi_schema = doc
+    return doc
 
 
 def _router() -> Any:

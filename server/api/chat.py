@@ -228,7 +228,7 @@ async def _serve(
 
 
 async def _stream_guard(rid: str, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Turn a failure after streaming began into an SSE error event, then end the stream."""
+    """Turn a failure after streaming began into an SSE error event and `[DONE]`."""
     try:
         async for chunk in body:
             yield chunk
@@ -237,6 +237,7 @@ async def _stream_guard(rid: str, body: AsyncIterator[bytes]) -> AsyncIterator[b
         if err.status == 500:
             log.exception("internal error while streaming (request %s)", rid)
         yield _sse(error_body(err.message, err.type, err.param, err.code))
+        yield b"data: [DONE]\n\n"  # every stream ends the same way (as vLLM's do), error or not
 
 
 # -- logprobs formatting ----------------------------------------------------------------------

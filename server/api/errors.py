@@ -2,7 +2,9 @@
 
 Handlers here turn every failure into that shape: our own APIError, FastAPI's validation
 errors (400 with the offending field as `param`, never 422), unknown routes, and bugs (500,
-logged with the request id, the message without internals).
+logged with the request id, the message without internals). `raw_http_error` is the same
+body as a whole HTTP/1.1 response, for the HTTP protocol layer (malformed requests that never
+reach the app).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("grace_serve.api")
@@ -55,6 +57,36 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 def error_bytes(status: int, message: str, type: str, code: str | None = None) -> bytes:
     return json.dumps(error_body(message, type, None, code)).encode()
+
+
+def raw_http_error(
+    status: int,
+    message: str,
+    code: str | None,
+    type: str = INVALID,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> bytes:
+    """A complete `HTTP/1.1` response carrying the OpenAI error body, closing the connection."""
+    from http import HTTPStatus
+
+    body = error_bytes(status, message, type, code)
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
+    lines += [name + b": " + value for name, value in headers or []]
+    lines += [b"content-type: application/json", b"content-length: %d" % len(body), b"connection: close"]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error body (documented in /openapi.json)."""
+
+    error: ErrorDetail
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -132,7 +164,10 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code in (404, 405):
             message = f"{request.method} {request.url.path}: {message}"
-        return APIError(exc.status_code, message, INVALID, None, codes.get(exc.status_code)).response()
+        headers = dict(exc.headers or {})  # e.g. Allow on a 405
+        return APIError(
+            exc.status_code, message, INVALID, None, codes.get(exc.status_code), headers
+        ).response()
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
