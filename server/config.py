@@ -11,32 +11,19 @@ import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from server.engine.core import EngineArgs
+from server.engine.args import EngineArgs
 
 ENV_PREFIX = "GRACE_SERVE_"
 MiB = 1024 * 1024
 
 
 @dataclass
-class ServerConfig:
-    # model and engine
-    model: str = "demo"
+class ServerConfig(EngineArgs):
+    """The engine's options (EngineArgs, declared once there) plus the server's own."""
+
     served_model_name: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    quantization: str | None = None
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    num_kv_blocks: int | None = None
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.90
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    async_scheduling: bool | None = None  # None: on where the model runs on CUDA
     engine_in_thread: bool = False  # debug: run the engine core in a thread of this process
     # HTTP
     host: str = "127.0.0.1"
@@ -62,11 +49,7 @@ class ServerConfig:
         return self.served_model_name or self.model
 
     def engine_args(self) -> EngineArgs:
-        from server.engine.core import EngineArgs  # lazy: `--help` should not import torch
-
-        names = {f.name for f in fields(EngineArgs)}
-        kwargs = {k: v for k, v in self.__dict__.items() if k in names}
-        return EngineArgs(**kwargs)
+        return EngineArgs(**{f.name: getattr(self, f.name) for f in fields(EngineArgs)})
 
 
 def _bool(text: str) -> bool:
@@ -119,6 +102,12 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("enable_prefix_caching", None, "reuse KV blocks of shared prompt prefixes"),
     _Flag("async_scheduling", None, "schedule the next step while the GPU runs this one (default: on CUDA)"),
     _Flag("enforce_eager", None, "run decode steps eagerly instead of replaying CUDA graphs"),
+    _Flag(
+        "kernel_backend",
+        str,
+        "kernels: auto (Triton on CUDA, plain torch elsewhere), reference (plain torch) or triton",
+        choices=("auto", "reference", "triton"),
+    ),
     _Flag("engine_in_thread", None, "debug: run the engine in a thread instead of a process"),
     _Flag("allowed_media_domains", str, "hosts that http(s) image URLs may name (default: none)", True),
     _Flag("media_fetch_timeout", float, "seconds allowed to fetch one http(s) image"),

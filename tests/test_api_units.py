@@ -62,6 +62,22 @@ def test_engine_mode_flags_reach_the_engine():
     assert (args.async_scheduling, args.enforce_eager) == (True, False)
 
 
+def test_engine_options_are_declared_once_and_all_are_flags():
+    """ServerConfig takes its engine fields from EngineArgs (no second set of defaults), and
+    every engine option a user may need is a flag (encoder_cache_bytes is internal)."""
+    import dataclasses
+
+    from server.config import FLAGS, ServerConfig
+    from server.engine.args import EngineArgs
+
+    engine = {f.name for f in dataclasses.fields(EngineArgs)}
+    assert engine <= {f.name for f in dataclasses.fields(ServerConfig)}
+    assert ServerConfig().engine_args() == EngineArgs()
+    assert engine - {f.dest for f in FLAGS} == {"encoder_cache_bytes"}
+    args = parse_config(["--kernel-backend", "reference", "--max-num-seqs", "3"], env={}).engine_args()
+    assert (args.kernel_backend, args.max_num_seqs) == ("reference", 3)
+
+
 def test_defaults_and_help_lists_every_env_var():
     c = parse_config([], env={})
     assert (c.host, c.port, c.model, c.api_keys, c.allowed_media_domains) == (

@@ -17,6 +17,7 @@ from server.model.loader import load_model
 from server.model.qwen3_vl import Qwen3VL, mrope_positions
 from server.transfer import to_device
 
+from .args import EngineArgs
 from .kv_cache import BlockManager, BlockSpans
 from .memory import MemoryProfile, grid_for_tokens, kv_bytes_per_block, largest_image_grid, profile_memory
 from .runner import ChunkFault, ModelRunner, PendingTokens, SequenceData
@@ -25,27 +26,6 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, Sequence, Status
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineArgs:
-    """Engine options; the same names are LLM(...) keywords and server flags."""
-
-    model: str = "demo"
-    device: str | None = None
-    dtype: str | None = None
-    quantization: str | None = None
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    num_kv_blocks: int | None = None  # explicit pool size (tests force preemption with it)
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.90
-    enable_prefix_caching: bool = True
-    encoder_cache_bytes: int = 256 << 20
-    kernel_backend: str = "auto"  # "auto" (Triton on CUDA), "reference", "triton"
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (debugging, profiling)
-    async_scheduling: bool | None = None  # schedule step N+1 while step N runs; None: on CUDA
 
 
 @dataclass
