@@ -16,6 +16,7 @@ import gc
 import itertools
 import logging
 import multiprocessing as mp
+import os
 import queue
 import signal
 import threading
@@ -35,6 +36,7 @@ from .sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.2  # how often the reader checks that the engine is alive
+ENGINE_CPU_NICENESS = 5  # on a CPU: the engine yields the cores to the API process when it needs them
 _HEARTBEAT_S = 0.5  # an engine loop with work but nothing to report still reports this often
 
 
@@ -91,6 +93,18 @@ def _follow_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
 
+def _yield_cpu_to_api(args: EngineArgs) -> None:
+    """On a CPU the engine's compute threads and the API process share the cores: run the
+    engine at a lower priority, so HTTP work (probes, SSE, tokenizing) is never starved by a
+    busy step; an idle API process leaves the engine every cycle anyway."""
+    import torch
+
+    on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    if on_cpu:
+        with contextlib.suppress(OSError):
+            os.nice(ENGINE_CPU_NICENESS)
+
+
 def _brief(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}"
     return text if len(text) <= 300 else text[:297] + "..."
@@ -102,6 +116,7 @@ def engine_main(args: EngineArgs, inbox: Any, outbox: Any) -> None:
 
     if threading.current_thread() is threading.main_thread():
         _follow_parent()
+        _yield_cpu_to_api(args)
     try:
         core = EngineCore(args)
     except BaseException as e:  # report load failures to the API side before dying
