@@ -59,7 +59,7 @@ def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     # Keep only the fp32 exponent bits: that is 2**floor(log2|x|). bf16 has 8 significant bits,
     # so its ulp in that binade is 2**(floor(log2|x|) - 7). Bit ops: far cheaper than frexp.
     pow2 = (x.to(torch.float32).contiguous().view(torch.int32) & 0x7F800000).view(torch.float32)
-    return pow2 * 2.0**-7
+    return pow2.mul_(2.0**-7)
 
 
 def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -180,10 +180,16 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``W [N, K]`` = codes * scales, computed in fp32 (fp64 if asked) then cast to ``dtype``."""
         compute = torch.float64 if dtype == torch.float64 else torch.float32
-        n, g = self.out_features, self.group_size
-        q = self.codes().to(compute).reshape(n, self.num_groups, g)
-        w = q * self.scales.to(compute).unsqueeze(-1)
-        return w.reshape(n, self.in_features).to(dtype)
+        n, k, g = self.out_features, self.in_features, self.group_size
+        out = torch.empty(n, k, dtype=dtype, device=self.device)
+        # Row blocks of ~4 M elements: the fp32 temporaries are reused heap blocks, not fresh
+        # page-faulted mappings of the whole weight (3x faster at the 2B shapes on CPU).
+        rows = max(1, (1 << 22) // k)
+        for r in range(0, n, rows):
+            packed = self.qweight[r : r + rows]
+            q = (packed if self.bits == 8 else _unpack_int4(packed)).to(compute).view(-1, self.num_groups, g)
+            out[r : r + rows] = (q * self.scales[r : r + rows].to(compute).unsqueeze(-1)).view(-1, k)
+        return out
 
     def dequantized_cached(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """:meth:`dequantize`, memoized (last dtype/device only) when ``cache_dequantized`` is set."""
@@ -306,20 +312,22 @@ class QuantizedWeight:
         scales = torch.exp(ls)
         _check_scales(scales, name)  # exp underflow to 0 is refused here
 
+        # Few full-size passes: this runs on every quantized weight at load (1.4 B elements for
+        # the 2B model). NaN propagates through aminmax and inf lands out of range, so
+        # non-finite weights are looked for only when the range check fails.
         w = weight.detach().to(torch.float32)
-        bad = ~torch.isfinite(w)
-        if bool(bad.any()):
-            i = int(bad.flatten().nonzero()[0])
-            raise QuantizationError(
-                f"{name}: non-finite weight at {_fmt_index(i, (n, k))}: {w.flatten()[i].item()!r}"
-            )
-
         w3 = w.reshape(n, ng, g)
         s3 = scales.unsqueeze(-1)
-        q = torch.round(w3 / s3)
-
-        # Codes must fit the signed range; report the element furthest outside.
-        if float(q.amin()) < qmin or float(q.amax()) > qmax:
+        q = torch.div(w3, s3).round_()
+        lo, hi = (float(v) for v in torch.aminmax(q)) if q.numel() else (0.0, 0.0)
+        if not (lo >= qmin and hi <= qmax):
+            bad = ~torch.isfinite(w)
+            if bool(bad.any()):
+                i = int(bad.flatten().nonzero()[0])
+                raise QuantizationError(
+                    f"{name}: non-finite weight at {_fmt_index(i, (n, k))}: {w.flatten()[i].item()!r}"
+                )
+            # Codes must fit the signed range; report the element furthest outside.
             excess = (torch.clamp(q - qmax, min=0) + torch.clamp(qmin - q, min=0)).reshape(n, k)
             ni, ki = _fmt_index(int(excess.argmax()), (n, k))
             raise QuantizationError(
@@ -330,10 +338,10 @@ class QuantizedWeight:
 
         # q*s must reproduce W to bf16 rounding (see docstring for the one-ulp tolerance).
         # W == 0 gives q == 0 and err == 0 <= tol == 0.
-        recon = (q * s3).reshape(n, k)
-        err = (recon - w).abs_()
+        err = torch.mul(q, s3).reshape(n, k).sub_(w).abs_()
         tol = _bf16_ulp(w)
         if bool((err > tol).any()):
+            recon = (q * s3).reshape(n, k)
             ratio = err / tol.clamp(min=torch.finfo(torch.float32).tiny)
             i = int(ratio.argmax())
             ni, ki = _fmt_index(i, (n, k))

@@ -20,6 +20,7 @@ class EngineArgs:
     num_kv_blocks: int | None = None  # explicit pool size (tests force preemption with it)
     block_size: int = 16
     gpu_memory_utilization: float = 0.90
+    cpu_kv_cache_gb: float | None = None  # CPU KV pool in GiB; None: a share of the free RAM
     enable_prefix_caching: bool = True
     encoder_cache_bytes: int = 256 << 20
     kernel_backend: str = "auto"  # "auto" (Triton on CUDA), "reference", "triton"

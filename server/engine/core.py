@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,17 @@ from server.transfer import to_device
 
 from .args import EngineArgs
 from .kv_cache import BlockManager, BlockSpans
-from .memory import MemoryProfile, grid_for_tokens, kv_bytes_per_block, largest_image_grid, profile_memory
+from .memory import (
+    MemoryProfile,
+    cpu_kv_budget,
+    cpu_num_blocks,
+    grid_for_tokens,
+    host_available_memory,
+    kv_bytes_per_block,
+    kv_pool_summary,
+    largest_image_grid,
+    profile_memory,
+)
 from .runner import ChunkFault, ModelRunner, PendingTokens, SequenceData
 from .sampler import PendingSample, SamplingInput, sample_async
 from .sampling_params import SamplingParams
@@ -112,6 +121,8 @@ class EngineCore:
                 )
             log.warning("max_model_len capped at %d tokens: the KV cache holds no more", capacity)
             self.max_model_len = capacity
+        per_block = kv_bytes_per_block(model, args.block_size)
+        log.info(kv_pool_summary(num_blocks, args.block_size, per_block, model.dtype, self.max_model_len))
         self.runner = ModelRunner(model, num_blocks, args.block_size, args.encoder_cache_bytes)
         grid = self.largest_image_grid
         self.runner.max_encode_patches = grid[0] * grid[1] * grid[2]  # never above the profiled peak
@@ -135,9 +146,10 @@ class EngineCore:
         a = self.args
         if self.model.device.type == "cuda":
             return self._blocks_from_profile()
-        # CPU: enough for max_num_seqs sequences of a modest context, bounded in memory
-        per_seq = math.ceil(min(self.max_model_len, 4096) / a.block_size)
-        return max(per_seq, min(per_seq * a.max_num_seqs, 4096))
+        # CPU: a share of the RAM left after the weights (or --cpu-kv-cache-gb), see memory.py
+        budget = cpu_kv_budget(host_available_memory(), a.cpu_kv_cache_gb)
+        per_block = kv_bytes_per_block(self.model, a.block_size)
+        return cpu_num_blocks(budget, per_block, a.max_num_seqs, self.max_model_len, a.block_size)
 
     def _prepare_gpu_steps(self) -> None:
         """Before traffic: tune the kernels for every prefill size, then capture the decode

@@ -1,5 +1,11 @@
-"""How many KV blocks fit on the GPU.
+"""How many KV blocks fit: on the GPU from a profiling step, on the CPU from free RAM.
 
+CPU: the pool is a share of the memory still available once the weights are loaded
+(MemAvailable, bounded by the cgroup limit of a container), or an explicit size, and never
+more than max_num_seqs sequences of max_model_len tokens need. The pure functions below take
+the numbers as arguments so CI checks the arithmetic with made-up machines.
+
+CUDA:
 With the weights loaded, one profiling run does the largest work a step can: the vision
 tower on the largest image the processor can produce, a prefill of max_num_batched_tokens
 tokens spread over max_num_seqs sequences, logits and sampling (top-k, top-p, penalties,
@@ -13,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,6 +34,12 @@ from .sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 MiB = 2**20
+GiB = 2**30
+
+# CPU defaults (the pool is allocated up front and zeroed, so it is resident from the start):
+CPU_KV_FRACTION = 0.15  # share of what is left after the weights and the reserve
+CPU_RESERVED_BYTES = 2 * GiB  # step activations, encoder cache, the API process, the OS
+CPU_KV_DEFAULT_MAX = 4 * GiB  # like vLLM's historical VLLM_CPU_KVCACHE_SPACE default
 
 
 def kv_bytes_per_block(model: Qwen3VL, block_size: int) -> int:
@@ -61,6 +75,123 @@ class MemoryProfile:
                 "lower max_num_batched_tokens / max_num_seqs"
             )
         return blocks
+
+
+# ---------------------------------------------------------------------------------------
+# CPU: the pool from free RAM
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo (or a cgroup memory.stat) -> {field: bytes}; "kB" values are scaled."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.replace(":", " ").split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1]) * (1024 if parts[2:3] == ["kB"] else 1)
+    return out
+
+
+def available_memory(
+    meminfo: Mapping[str, int],
+    cgroup_limit: int | None = None,
+    cgroup_usage: int | None = None,
+    cgroup_inactive_file: int = 0,
+) -> int:
+    """Bytes this process may still take: the kernel's MemAvailable estimate, bounded in a
+    container by its cgroup limit minus its working set (usage less reclaimable page cache,
+    the file pages of a just-read checkpoint, as Kubernetes counts it)."""
+    avail = meminfo.get("MemAvailable")
+    if avail is None:  # kernels before 3.14
+        avail = meminfo.get("MemFree", 0) + meminfo.get("Cached", 0)
+    if cgroup_limit is not None and cgroup_usage is not None:
+        working_set = max(0, cgroup_usage - cgroup_inactive_file)
+        avail = min(avail, max(0, cgroup_limit - working_set))
+    return avail
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    # v2 "max" and v1's near-2^63 "unlimited" both mean no limit
+    return int(text) if text.isdigit() and int(text) < 2**60 else None
+
+
+def read_cgroup_memory(root: Path = Path("/sys/fs/cgroup")) -> tuple[int | None, int | None, int]:
+    """(limit, usage, inactive file bytes) of this process's memory cgroup (v2, else v1);
+    (None, None, 0) without a limit."""
+    for limit_f, usage_f, stat_f, inactive_key in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        (
+            "memory/memory.limit_in_bytes",
+            "memory/memory.usage_in_bytes",
+            "memory/memory.stat",
+            "total_inactive_file",
+        ),
+    ):
+        limit = _read_int(root / limit_f)
+        if limit is None:
+            continue
+        try:
+            stat = parse_meminfo((root / stat_f).read_text())
+        except OSError:
+            stat = {}
+        return limit, _read_int(root / usage_f), stat.get(inactive_key, 0)
+    return None, None, 0
+
+
+def host_available_memory() -> int:
+    """available_memory() of this machine or container, read now."""
+    meminfo = parse_meminfo(Path("/proc/meminfo").read_text())
+    return available_memory(meminfo, *read_cgroup_memory())
+
+
+def cpu_kv_budget(available: int, cpu_kv_cache_gb: float | None = None) -> int:
+    """Bytes for the CPU KV pool: `cpu_kv_cache_gb` GiB when given, else CPU_KV_FRACTION of
+    what is available past CPU_RESERVED_BYTES, at most CPU_KV_DEFAULT_MAX."""
+    if cpu_kv_cache_gb is not None:
+        return int(cpu_kv_cache_gb * GiB)
+    return min(CPU_KV_DEFAULT_MAX, int(CPU_KV_FRACTION * max(0, available - CPU_RESERVED_BYTES)))
+
+
+def blocks_needed(max_num_seqs: int, max_model_len: int, block_size: int) -> int:
+    """Blocks for max_num_seqs sequences of max_model_len tokens: more is never used."""
+    return max_num_seqs * -(-max_model_len // block_size)
+
+
+def cpu_num_blocks(
+    budget: int, per_block: int, max_num_seqs: int, max_model_len: int, block_size: int
+) -> int:
+    """KV blocks of `per_block` bytes in `budget`, capped at what the sequences can use."""
+    blocks = min(budget // per_block, blocks_needed(max_num_seqs, max_model_len, block_size))
+    if blocks < 1:
+        raise RuntimeError(
+            f"no memory for the KV cache: {budget / MiB:.0f} MiB for blocks of {per_block / MiB:.1f} MiB; "
+            "free some RAM or set --cpu-kv-cache-gb (GiB) or --num-kv-blocks"
+        )
+    return blocks
+
+
+def max_concurrency(num_blocks: int, block_size: int, max_model_len: int) -> float:
+    """How many requests of max_model_len tokens the pool holds at once (vLLM's figure)."""
+    return num_blocks / -(-max_model_len // block_size)
+
+
+def kv_pool_summary(
+    num_blocks: int, block_size: int, per_block: int, dtype: torch.dtype, max_model_len: int
+) -> str:
+    """The start-up line naming the pool, as vLLM prints it."""
+    name = str(dtype).replace("torch.", "")
+    return (
+        f"KV cache: {num_blocks} blocks x {block_size} = {num_blocks * block_size} tokens, "
+        f"{num_blocks * per_block / GiB:.2f} GiB ({name}); maximum concurrency for {max_model_len} "
+        f"tokens per request: {max_concurrency(num_blocks, block_size, max_model_len):.2f}x"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA: the pool from a profiling step
 
 
 def grid_for_tokens(tokens: int, merge_size: int) -> tuple[int, int, int]:

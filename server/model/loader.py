@@ -15,9 +15,9 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from kernels import QuantizationError, QuantizedWeight, quantize
@@ -144,16 +144,56 @@ def _safetensors_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors (or shards with an index) in {path}")
 
 
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _safetensors_header(f: BinaryIO, name: str) -> tuple[dict, int]:
+    """(tensor entries, offset of the data) of an open .safetensors file."""
+    size = int.from_bytes(f.read(8), "little")
+    try:
+        header = json.loads(f.read(size))
+    except ValueError as e:
+        raise CheckpointError(f"{name}: unreadable safetensors header: {e}") from e
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _read_tensor(f: BinaryIO, base: int, key: str, info: dict, name: str) -> torch.Tensor:
+    """One tensor read straight into its own memory: no mmap, so the file's pages are not
+    counted in this process's RSS, and no second copy (safe_open maps the whole file)."""
+    dtype = _ST_DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"{name}: tensor {key} has an unsupported dtype {info['dtype']}")
+    begin, end = info["data_offsets"]
+    out = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(base + begin)
+    if end > begin and f.readinto(out.numpy()) != end - begin:
+        raise CheckpointError(f"{name}: file is truncated (tensor {key})")
+    return out.view(dtype).reshape(info["shape"])
+
+
 def _iter_tensors(files: list[Path], desc: str) -> Iterator[tuple[str, torch.Tensor]]:
-    total = 0
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            total += len(sf.keys())
+    headers = []
+    for path in files:
+        with open(path, "rb") as f:
+            headers.append(_safetensors_header(f, path.name))
+    total = sum(len(h) for h, _ in headers)
     with tqdm(total=total, desc=desc, unit="tensor", disable=None, leave=False) as bar:
-        for f in files:
-            with safe_open(str(f), framework="pt") as sf:
-                for key in sf.keys():  # noqa: SIM118 - safe_open is not a dict
-                    yield key, sf.get_tensor(key)
+        for path, (header, base) in zip(files, headers):
+            with open(path, "rb", buffering=0) as f:
+                for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                    yield key, _read_tensor(f, base, key, info, path.name)
                     bar.update()
 
 
@@ -178,7 +218,8 @@ def load_model(
 ) -> LoadedModel:
     """Load any supported checkpoint into our Qwen3VL on `device`.
 
-    dtype: activation/dense-weight dtype (default float32 on CPU, bfloat16 on CUDA).
+    dtype: activation/dense-weight dtype (default: `default_dtype`, bfloat16 on CUDA and for
+    big models on CPU, float32 for small ones such as the demo).
     quantization: for checkpoints without GRACE scales, "w8g128"/"w4g128" quantizes at load
     (round-to-nearest, not the QAT scales); None/"none" serves them dense.
     """
@@ -188,7 +229,6 @@ def load_model(
         raise CheckpointError(f"no config.json in {path}")
     config = ModelConfig.from_file(cfg_file)
     device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     awq = _read_awq_modules(path, config)
     sidecar = _read_sidecar(path, config)
@@ -206,6 +246,9 @@ def load_model(
 
     with torch.device("meta"):
         net = Qwen3VL(config)
+    if dtype is None:
+        dtype, why = default_dtype(device, num_parameters(net))
+        log.info("dtype %s: %s", str(dtype).replace("torch.", ""), why)
     params: dict[str, torch.Tensor | QuantizedWeight] = {}
     pending: dict[str, dict[int, torch.Tensor | QuantizedWeight]] = {}
     expected = _expected_shapes(net)
@@ -317,6 +360,45 @@ def load_model(
     elif rtn_bits:
         quant = str(quantization)
     return LoadedModel(net.eval(), config, path, quant)
+
+
+# Above this many parameters a CPU model runs in bfloat16: half the resident weights and KV
+# cache, and faster matmuls where the CPU has bf16 instructions. Below it (the demo) float32
+# keeps greedy output identical to transformers' fp32 reference.
+CPU_BF16_MIN_PARAMS = 100_000_000
+
+
+def num_parameters(net: Qwen3VL) -> int:
+    """Parameters of the network, quantized linears counted at their dense size (works on meta)."""
+    linears = {id(m.weight) for m in net.modules() if isinstance(m, Linear) and m.weight is not None}
+    dense = sum(p.numel() for p in net.parameters() if id(p) not in linears)
+    return dense + sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, Linear))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX, via oneDNN)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def default_dtype(device: torch.device, num_params: int) -> tuple[torch.dtype, str]:
+    """The compute dtype when --dtype is not given, and the reason (logged at load)."""
+    if device.type == "cuda":
+        return torch.bfloat16, "the CUDA default"
+    if num_params >= CPU_BF16_MIN_PARAMS:
+        native = (
+            "natively (AVX512-BF16/AMX)" if cpu_has_bf16() else "without bf16 instructions (slower matmuls)"
+        )
+        return torch.bfloat16, (
+            f"{num_params / 1e9:.2f} B parameters on CPU (>= {CPU_BF16_MIN_PARAMS / 1e9:.1f} B): bfloat16 halves "
+            f"the resident weights and KV cache; this CPU runs it {native}; --dtype float32 overrides"
+        )
+    return torch.float32, (
+        f"{num_params / 1e6:.1f} M parameters on CPU (< {CPU_BF16_MIN_PARAMS / 1e9:.1f} B): float32, "
+        "exact against transformers; --dtype bfloat16 overrides"
+    )
 
 
 def _is_decoder_linear(target: Target) -> bool:

@@ -268,10 +268,16 @@ class Qwen3VL(nn.Module):
             if isinstance(mod, (Linear, RMSNorm, DecoderLayer)):
                 mod.backend = backend
         if self.device.type == "cpu" and backend != "triton":
-            # CPU path: dequantize each weight once (fp32 copy) instead of on every call
-            for lin in self.linears():
-                if lin.qweight is not None:
-                    lin.qweight.cache_dequantized = True
+            self.dequantize_linears()
+
+    def dequantize_linears(self) -> None:
+        """CPU path: each quantized linear becomes one dense weight in the model's dtype and its
+        codes are freed, so one copy of the weights stays resident (a dequantizing matmul per
+        call runs 2.3x slower at the real shapes, see docs/BENCHMARKS.md). In bfloat16 the
+        values are bf16(q * s): the GRACE checkpoint's own fake-quantized weights."""
+        for lin in self.linears():
+            if lin.qweight is not None:
+                lin.set_dense(lin.qweight.dequantize(self.dtype))
 
     @property
     def dtype(self) -> torch.dtype:
