@@ -85,7 +85,7 @@ def test_kv_budget_default_share_cap_and_explicit() -> None:
     assert cpu_kv_budget(1000 * GiB) == CPU_KV_DEFAULT_MAX
     assert cpu_kv_budget(CPU_RESERVED_BYTES // 2) == 0
     # the 24 GB, 2-core machine of docs/BENCHMARKS.md with the real model loaded (~19 GB free):
-    # the default pool keeps the whole server under the 8 GB goal
+    # the default pool keeps the whole server under the 8 GB goal (docs/BENCHMARKS.md)
     assert cpu_kv_budget(19 * 10**9) < 3 * GiB
 
 

@@ -37,7 +37,7 @@ MiB = 2**20
 GiB = 2**30
 
 # CPU defaults (the pool is allocated up front and zeroed, so it is resident from the start):
-CPU_KV_FRACTION = 0.15  # share of what is left after the weights and the reserve
+CPU_KV_FRACTION = 0.125  # share of what is left after the weights and the reserve
 CPU_RESERVED_BYTES = 2 * GiB  # step activations, encoder cache, the API process, the OS
 CPU_KV_DEFAULT_MAX = 4 * GiB  # like vLLM's historical VLLM_CPU_KVCACHE_SPACE default
 

@@ -3,6 +3,9 @@ and the one attention call-site that reads and writes the paged KV cache."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +15,13 @@ from torch import nn
 import kernels
 from kernels import QuantizedWeight
 from kernels import reference as ref
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the load's temporaries back to the OS (glibc keeps freed heap
+    blocks mapped: ~1 GB of RSS after loading the 2B model on CPU); a no-op elsewhere."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 class Linear(nn.Module):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from kernels import QuantizationError, QuantizedWeight, quantize
 
 from .demo import DEMO_NAMES, resolve_demo
-from .layers import Linear
+from .layers import Linear, release_freed_memory
 from .model_config import ModelConfig
 from .qwen3_vl import Qwen3VL
 
@@ -359,6 +359,7 @@ def load_model(
         quant = "w4g128-awq"
     elif rtn_bits:
         quant = str(quantization)
+    release_freed_memory()  # the verification's temporaries
     return LoadedModel(net.eval(), config, path, quant)
 
 

@@ -20,6 +20,7 @@ from .layers import (
     RMSNorm,
     apply_rotary,
     paged_attention,
+    release_freed_memory,
     rotate_half,
     silu_and_mul,
 )
@@ -278,6 +279,7 @@ class Qwen3VL(nn.Module):
         for lin in self.linears():
             if lin.qweight is not None:
                 lin.set_dense(lin.qweight.dequantize(self.dtype))
+        release_freed_memory()
 
     @property
     def dtype(self) -> torch.dtype:
