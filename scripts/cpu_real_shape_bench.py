@@ -10,9 +10,10 @@ Steps, one after the other (the machine may be shared: the two speeds run back t
 2. batch 1: greedy chat requests of 1 and of N tokens (ignore_eos); decode tok/s =
    (N - 1) / (t_N - t_1), the prefill cancelling out.
 3. `--concurrency` chat requests at once, every other one with a 256x256 PNG; all must end.
-4. the server stopped; transformers' Qwen3VLForConditionalGeneration.from_pretrained(PATH)
-   in bf16 (the checkpoint's fake-quantized weights: the same values we serve), the same
-   prompt, greedy generate of 1 and of N new tokens, the same formula.
+4. `--rounds` times: transformers' Qwen3VLForConditionalGeneration.from_pretrained(PATH) in
+   bf16 in a child process (the checkpoint's fake-quantized weights: the values we serve),
+   the same prompt, greedy generate of 1 and of N new tokens, the same formula, while our
+   server idles; then ours again. Medians of each, and each pair's ratio.
 Memory: VmRSS and Pss (smaps_rollup) of the server process and all its children, sampled
 every 0.2 s; the peak of the sum. RSS counts shared pages (libraries, the mmap'd checkpoint)
 once per process, Pss splits them: the true total lies between.
@@ -26,6 +27,7 @@ import io
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -117,7 +119,9 @@ def _chat(base: str, content: object, max_tokens: int) -> tuple[float, dict]:
     return time.perf_counter() - t0, out
 
 
-def serve_and_measure(path: str, port: int, tokens: int, concurrency: int) -> dict:
+def serve_and_measure(
+    path: str, port: int, tokens: int, concurrency: int, rounds: int, hf_rounds: list[dict] | None
+) -> dict:
     base = f"http://127.0.0.1:{port}"
     cmd = [
         sys.executable,
@@ -151,11 +155,15 @@ def serve_and_measure(path: str, port: int, tokens: int, concurrency: int) -> di
         result["load_s"] = time.perf_counter() - t0
         result["rss_after_load_gb"] = mem.peak_rss / 1e9
         _chat(base, PROMPT, 2)  # warm-up
-        t1, _ = _chat(base, PROMPT, 1)
-        tn, out = _chat(base, PROMPT, tokens)
-        assert out["usage"]["completion_tokens"] == tokens, out["usage"]
-        result["prompt_tokens"] = out["usage"]["prompt_tokens"]
-        result["decode_tok_s"] = (tokens - 1) / (tn - t1)
+
+        def decode_tok_s() -> float:
+            t1, _ = _chat(base, PROMPT, 1)
+            tn, out = _chat(base, PROMPT, tokens)
+            assert out["usage"]["completion_tokens"] == tokens, out["usage"]
+            result["prompt_tokens"] = out["usage"]["prompt_tokens"]
+            return (tokens - 1) / (tn - t1)
+
+        result["decode_tok_s_runs"] = [decode_tok_s()]
 
         def one(i: int) -> dict:
             content: object = PROMPT
@@ -173,6 +181,15 @@ def serve_and_measure(path: str, port: int, tokens: int, concurrency: int) -> di
         result["concurrent_ok"] = sum(o["choices"][0]["finish_reason"] == "length" for o in outs)
         result["concurrent_tokens"] = sum(o["usage"]["completion_tokens"] for o in outs)
         result["alive"] = proc.poll() is None
+        # Speed, alternating with transformers while our server idles (no CPU), so that both
+        # see the same machine: ours, theirs, ours, theirs, ...
+        for _ in range(rounds):
+            if hf_rounds is not None:
+                from server.model.loader import resolve_model_path  # "demo" -> its folder
+
+                hf_rounds.append(transformers_generate(str(resolve_model_path(path)), tokens))
+            result["decode_tok_s_runs"].append(decode_tok_s())
+        result["decode_tok_s"] = statistics.median(result["decode_tok_s_runs"])
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -223,18 +240,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating ours/transformers speed runs")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the results here")
     a = ap.parse_args(argv)
-    ours = serve_and_measure(a.model, a.port, a.tokens, a.concurrency)
-    print(json.dumps({"grace-serve": ours}, indent=1), flush=True)
+    hf_rounds: list[dict] | None = None if a.skip_transformers else []
+    ours = serve_and_measure(a.model, a.port, a.tokens, a.concurrency, a.rounds, hf_rounds)
     results = {
         "machine": f"{os.cpu_count()} cores, {_kb('/proc/meminfo', 'MemTotal') / 2**30:.0f} GiB",
         "ours": ours,
     }
-    if not a.skip_transformers:
-        results["transformers"] = theirs = transformers_generate(a.model, a.tokens)
+    if hf_rounds:
+        theirs = dict(hf_rounds[0], decode_tok_s_runs=[r["decode_tok_s"] for r in hf_rounds])
+        theirs["decode_tok_s"] = statistics.median(theirs["decode_tok_s_runs"])
+        results["transformers"] = theirs
         results["speed_ratio"] = ours["decode_tok_s"] / theirs["decode_tok_s"]
+        # each of our runs after the first against the transformers run just before it
+        pairs = zip(ours["decode_tok_s_runs"][1:], theirs["decode_tok_s_runs"])
+        results["speed_ratio_pairs"] = [o / t for o, t in pairs]
     print(json.dumps(results, indent=1))
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
