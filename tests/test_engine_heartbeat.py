@@ -6,6 +6,7 @@ ends with [DONE], nothing left in the KV cache."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -86,8 +87,10 @@ def test_sigstop_engine_turns_health_503_and_sigcont_recovers(tmp_path):
 
 
 def test_a_long_idle_is_not_a_stall(tmp_path):
-    """No work pending: however long since the last step, the engine is healthy."""
-    srv = ServerProcess(tmp_path, "--engine-stall-timeout", "0.5")
+    """No work pending: however long since the last step, the engine is healthy. (Also: the
+    engine process logs through the server's --log-format, its KV pool line included; a
+    spawned process used to drop every INFO line.)"""
+    srv = ServerProcess(tmp_path, "--engine-stall-timeout", "0.5", "--log-format", "json")
     try:
         srv.wait_ready()
         time.sleep(1.5)
@@ -100,5 +103,11 @@ def test_a_long_idle_is_not_a_stall(tmp_path):
             timeout=60,
         )
         assert r.status_code == 200, r.text
+        engine_lines = [
+            json.loads(line)
+            for line in srv.log_text().splitlines()
+            if line.startswith('{"') and "KV cache:" in line
+        ]
+        assert engine_lines and engine_lines[0]["logger"] == "server.engine.core", srv.log_text()[-2000:]
     finally:
         assert srv.stop() == 0, srv.log_text()[-3000:]

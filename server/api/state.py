@@ -67,7 +67,12 @@ class ServerState:
         from server.engine.client import AsyncEngine
 
         c = self.config
-        engine = AsyncEngine(c.engine_args(), inline=c.engine_in_thread, stall_timeout=c.engine_stall_timeout)
+        engine = AsyncEngine(
+            c.engine_args(),
+            inline=c.engine_in_thread,
+            stall_timeout=c.engine_stall_timeout,
+            log_setup=(c.log_format, c.log_level),
+        )
         await engine.start()
         assert engine.processor is not None and engine.model_config is not None
         # the byte and pixel caps are server policy, not model config

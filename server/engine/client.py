@@ -110,11 +110,17 @@ def _brief(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def engine_main(args: EngineArgs, inbox: Any, outbox: Any) -> None:
-    """The engine process's loop: apply commands, step, publish outputs + stats."""
+def engine_main(
+    args: EngineArgs, inbox: Any, outbox: Any, log_setup: tuple[str, str] = ("text", "info")
+) -> None:
+    """The engine process's loop: apply commands, step, publish outputs + stats.
+    `log_setup`: the server's (--log-format, --log-level), so both processes log alike."""
     from .core import EngineCore, RequestRejected
 
     if threading.current_thread() is threading.main_thread():
+        from server.logs import configure_logging
+
+        configure_logging(*log_setup)  # a spawned process starts with no handlers at all
         _follow_parent()
         _yield_cpu_to_api(args)
     try:
@@ -186,9 +192,16 @@ class _Pending:
 
 
 class AsyncEngine:
-    def __init__(self, args: EngineArgs, inline: bool = False, stall_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        args: EngineArgs,
+        inline: bool = False,
+        stall_timeout: float = 30.0,
+        log_setup: tuple[str, str] = ("text", "info"),
+    ) -> None:
         self.args = args
         self.inline = inline
+        self.log_setup = log_setup
         # Work pending and no engine step for this long: the engine counts as stalled (a hung
         # process is alive but serves nobody). Load and graph capture happen before "ready".
         self.stall_timeout = stall_timeout
@@ -226,7 +239,9 @@ class AsyncEngine:
         else:
             ctx = mp.get_context("spawn")
             self._inbox, self._outbox = ctx.Queue(), ctx.Queue()
-            self._proc = ctx.Process(target=engine_main, args=(args, self._inbox, self._outbox), daemon=True)
+            self._proc = ctx.Process(
+                target=engine_main, args=(args, self._inbox, self._outbox, self.log_setup), daemon=True
+            )
         self._proc.start()
         deadline = time.monotonic() + timeout
         while True:
