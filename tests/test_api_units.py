@@ -365,3 +365,19 @@ def test_a_bug_is_a_500_without_internals(monkeypatch, caplog):
                    "code": "internal_error"}  # fmt: skip
     assert "secret" not in r.text
     assert any("bug-1" in rec.getMessage() and rec.exc_info for rec in caplog.records)
+
+
+def test_sse_events_survive_line_readers_that_split_on_unicode_breaks():
+    """Found by the 30-minute soak: the demo model emitted U+0085 / U+2028, json.dumps left it
+    raw, and httpx's aiter_lines (str.splitlines rules) cut the event in two. Each event is one
+    line by any reader's rules and round-trips through JSON."""
+    import json
+
+    from server.api.chat import _sse
+
+    payload = {"delta": {"content": "a\x85b\u2028c\u2029d\ne\x0bf\x1cg — ü"}}
+    event = _sse(payload).decode()
+    assert event.startswith("data: ") and event.endswith("\n\n")
+    line = event[len("data: ") : -2]
+    assert line.splitlines() == [line]
+    assert json.loads(line) == payload

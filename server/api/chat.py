@@ -136,8 +136,16 @@ def _engine_error(e: Exception) -> APIError:
     return APIError(500, "internal server error", SERVER, None, "internal_error")
 
 
+# Characters json.dumps leaves raw that line readers built on str.splitlines() (httpx's
+# aiter_lines among them) take for line breaks, cutting an SSE event in two: escaped.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(payload: Any) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    if "\x85" in text or "\u2028" in text or "\u2029" in text:
+        text = text.translate(_LINE_BREAKS)
+    return b"data: " + text.encode() + b"\n\n"
 
 
 def _usage(rm: RequestMetrics | CombinedMetrics) -> dict[str, Any]:
