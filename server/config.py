@@ -32,7 +32,7 @@ class ServerConfig(EngineArgs):
     max_queued_requests: int = 256
     max_request_bytes: int = 32 * MiB
     drain_timeout: float = 30.0
-    engine_stall_timeout: float = 30.0
+    engine_stall_timeout: float | None = None  # None: 30 s on a GPU, 120 s on a CPU
     # images
     max_images_per_request: int = 8
     max_image_bytes: int = 20 * MiB
@@ -120,8 +120,8 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag(
         "engine_stall_timeout",
         float,
-        "seconds without an engine step, while requests are pending, before /health reports 503 "
-        "(longer than the slowest step: a full prefill on CPU)",
+        "seconds without an engine step, while the engine has requests, before /health reports 503 "
+        "(default: 30 on a GPU, 120 on a CPU, where a full prefill chunk of the 2B model takes tens of seconds)",
     ),
     _Flag("log_format", str, "log line format", choices=("text", "json")),
     _Flag("log_level", str, "log level", choices=("debug", "info", "warning", "error")),
@@ -213,7 +213,7 @@ def validate(c: ServerConfig) -> list[str]:
         (c.max_image_bytes >= 1, "--max-image-bytes must be >= 1"),
         (c.max_image_pixels >= 1, "--max-image-pixels must be >= 1"),
         (c.drain_timeout >= 0, "--drain-timeout must be >= 0"),
-        (c.engine_stall_timeout > 0, "--engine-stall-timeout must be > 0"),
+        (c.engine_stall_timeout is None or c.engine_stall_timeout > 0, "--engine-stall-timeout must be > 0"),
         (c.media_fetch_timeout > 0, "--media-fetch-timeout must be > 0"),
         (all(k for k in c.api_keys), "--api-key must not be empty"),
     ]

@@ -141,9 +141,7 @@ class Metrics:
 
     def watch_engine(self, engine: Any) -> None:
         """Heartbeat gauges read from the engine client at scrape time (no per-step cost)."""
-        self.seconds_since_engine_step.set_function(
-            lambda: engine.seconds_since_step() if engine.num_pending else 0.0
-        )
+        self.seconds_since_engine_step.set_function(engine.seconds_since_step)
         self.engine_stalled.set_function(lambda: 1.0 if engine.stalled else 0.0)
 
     # -- engine side: called for every engine step (from the engine reader thread) -----------

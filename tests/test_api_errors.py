@@ -109,6 +109,8 @@ CASES = [
     Case("top_logprobs without logprobs", 400, _chat(top_logprobs=2), param="top_logprobs"),
     Case("presence_penalty out of range", 400, _chat(presence_penalty=5), param="presence_penalty"),
     Case("repetition_penalty = 0", 400, _chat(repetition_penalty=0), param="repetition_penalty"),
+    Case("repetition_penalty = 1e-300 (seen logits became inf, then NaN)", 400, _chat(repetition_penalty=1e-300),
+         param="repetition_penalty"),
     Case("min_tokens > max_tokens", 400, _chat(min_tokens=10, max_tokens=2), param="min_tokens"),
     Case("min_tokens beyond the context (no max_tokens)", 400, {"messages": OK_MSGS, "min_tokens": 10_000},
          param="min_tokens"),

@@ -111,3 +111,46 @@ def test_a_long_idle_is_not_a_stall(tmp_path):
         assert engine_lines and engine_lines[0]["logger"] == "server.engine.core", srv.log_text()[-2000:]
     finally:
         assert srv.stop() == 0, srv.log_text()[-3000:]
+
+
+def test_a_client_that_stops_reading_is_not_a_stall(tmp_path):
+    """Found in review: a stream whose client stops reading kept its request "pending" in the
+    API process after the engine had finished it and gone idle, so /health turned 503 (and
+    liveness would restart the replica) for as long as that one connection stayed open. The
+    stall check now waits only on work the engine still owns."""
+    import socket
+
+    srv = ServerProcess(tmp_path, "--engine-stall-timeout", "1")
+    try:
+        srv.wait_ready()
+        body = json.dumps({
+            "messages": [{"role": "user", "content": "Write a long story."}], "stream": True, "n": 16,
+            "max_tokens": 400, "ignore_eos": True, "logprobs": True, "top_logprobs": 20,
+        }).encode()  # fmt: skip
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        # ~8 MB of events, a 4 KB receive window, and nothing ever read: the server's writes block
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: sets the window
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", srv.port))
+        try:
+            sock.sendall(head + body)
+            assert wait_until(lambda: scrape(srv.url)["grace_serve_num_requests_running"] > 0, 30)
+            assert wait_until(lambda: kv_empty(srv.url), 120), "the engine never finished the request"
+            time.sleep(2.5)  # > 2 x the stall timeout, the engine idle, the client still not reading
+            health = httpx.get(srv.url + "/health", timeout=5)
+            assert health.status_code == 200, health.text
+            r = httpx.post(
+                srv.url + "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+            assert scrape(srv.url)["grace_serve_engine_stalled"] == 0
+        finally:
+            sock.close()
+    finally:
+        assert srv.stop() == 0, srv.log_text()[-3000:]

@@ -70,6 +70,35 @@ def test_large_bodies_parse_off_the_loop_like_json_loads():
         body_module.stop_pool()
 
 
+def test_a_dead_json_worker_is_replaced(monkeypatch):
+    """Found in review: with its one worker killed (the OOM killer, a signal) the pool stayed
+    broken and every large body became FastAPI's 400 "error parsing the body" for good."""
+    import os
+    import signal
+
+    from server.api import body as body_module
+
+    body = json.dumps({"prompt": "x" * LARGE_BODY_BYTES}).encode()
+    body_module.start_pool()
+    try:
+        worker = next(iter(body_module._pool._processes))
+        os.kill(worker, signal.SIGKILL)
+        time.sleep(0.5)
+
+        async def parse_twice() -> None:
+            assert await parse_json(body) == json.loads(body)  # parsed here, a new worker started
+            for _ in range(100):  # bounded: the replacement starts in the background
+                if body_module._pool is not None:
+                    break
+                await asyncio.sleep(0.1)
+            assert body_module._pool is not None
+            assert await parse_json(body) == json.loads(body)
+
+        asyncio.run(parse_twice())
+    finally:
+        body_module.stop_pool()
+
+
 @pytest.mark.slow
 def test_health_answers_within_100ms_under_mixed_abuse(tmp_path):
     srv = ServerProcess(

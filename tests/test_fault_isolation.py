@@ -119,6 +119,10 @@ def test_the_engine_validates_what_reaches_it(demo_dir):
     params.top_k, params.seed = MAX_TOP_K, 2**64
     with pytest.raises(RequestRejected, match="seed"):
         engine.add_request(EngineRequest("hostile-seed", [1, 2, 3], params))
+    vocab = engine.model.cfg.text.vocab_size  # an embedding lookup out of range ended the engine
+    for ids in ([1, vocab], [-1, 2]):
+        with pytest.raises(RequestRejected, match="out of range"):
+            engine.add_request(EngineRequest("hostile-ids", ids, SamplingParams(max_tokens=2)))
     _assert_released(engine)
 
 

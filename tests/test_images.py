@@ -437,3 +437,31 @@ def test_content_hash_for_pil_input():
     assert preprocess_image(image.copy(), settings_for()).content_hash == first
     assert preprocess_image(random_rgb(40, 30, seed=9), settings_for()).content_hash != first
     assert preprocess_image(image, settings_for(max_pixels=64 * 32 * 32)).content_hash != first
+
+
+def test_base64_in_pieces_is_exactly_base64_validate():
+    """The piecewise decoder (it lets the event loop run between pieces) accepts and refuses
+    exactly what base64.b64decode(validate=True) does, with the piece size cut to 4 and 8 so
+    every input crosses pieces: all strings up to 9 characters over A/Q/=, and random ones."""
+    import binascii
+    import itertools
+    import random
+
+    import server.model.images as images
+
+    def outcome(fn, s):
+        try:
+            return fn(s)
+        except (binascii.Error, ValueError):
+            return "refused"
+
+    reference = lambda s: base64.b64decode(s, validate=True)  # noqa: E731
+    rng = random.Random(0)
+    randoms = ["".join(rng.choice("AQz+/=!") for _ in range(rng.randint(0, 24))) for _ in range(3000)]
+    for piece in (4, 8):
+        images._B64_PIECE, saved = piece, images._B64_PIECE
+        try:
+            for s in [*("".join(t) for n in range(10) for t in itertools.product("AQ=", repeat=n)), *randoms]:
+                assert outcome(images._b64decode_in_pieces, s) == outcome(reference, s), (piece, s)
+        finally:
+            images._B64_PIECE = saved

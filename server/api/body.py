@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import multiprocessing as mp
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
+log = logging.getLogger("grace_serve.api")
 LARGE_BODY_BYTES = 1 << 20
 _pool: ProcessPoolExecutor | None = None
 
@@ -48,9 +51,18 @@ def stop_pool() -> None:
 
 
 async def parse_json(body: bytes) -> Any:
-    if len(body) < LARGE_BODY_BYTES or _pool is None:
+    global _pool
+    pool = _pool
+    if len(body) < LARGE_BODY_BYTES or pool is None:
         return json.loads(body)
-    value, error = await asyncio.get_running_loop().run_in_executor(_pool, _parse, body)
+    try:
+        value, error = await asyncio.get_running_loop().run_in_executor(pool, _parse, body)
+    except BrokenProcessPool:  # the worker died (OOM killer, a signal): a new one, this body here
+        log.warning("the JSON worker process died; starting a new one")
+        if _pool is pool:
+            _pool = None
+            asyncio.get_running_loop().run_in_executor(None, start_pool)
+        return json.loads(body)
     if error is not None:
         raise json.JSONDecodeError(error[0], "", error[1])
     return value

@@ -17,6 +17,7 @@ from server.engine.sampling_params import (
     MAX_N,
     MAX_STOP_TOKEN_IDS,
     MAX_TOP_K,
+    MIN_REPETITION_PENALTY,
     SEED_MAX,
     SEED_MIN,
 )
@@ -73,7 +74,7 @@ class _SamplingFields(_Request):
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=2.0)
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     stream: bool = False

@@ -36,6 +36,7 @@ from .sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.2  # how often the reader checks that the engine is alive
+STALL_TIMEOUT_S = {"cuda": 30.0, "cpu": 120.0}  # default --engine-stall-timeout by device
 ENGINE_CPU_NICENESS = 5  # on a CPU: the engine yields the cores to the API process when it needs them
 _HEARTBEAT_S = 0.5  # an engine loop with work but nothing to report still reports this often
 
@@ -196,7 +197,7 @@ class AsyncEngine:
         self,
         args: EngineArgs,
         inline: bool = False,
-        stall_timeout: float = 30.0,
+        stall_timeout: float | None = None,
         log_setup: tuple[str, str] = ("text", "info"),
     ) -> None:
         self.args = args
@@ -204,11 +205,18 @@ class AsyncEngine:
         self.log_setup = log_setup
         # Work pending and no engine step for this long: the engine counts as stalled (a hung
         # process is alive but serves nobody). Load and graph capture happen before "ready".
-        self.stall_timeout = stall_timeout
+        # None: by device, once the engine says which (a full prefill chunk of the 2B model on
+        # a CPU takes tens of seconds; on a GPU a step is milliseconds).
+        self.stall_timeout = stall_timeout if stall_timeout is not None else STALL_TIMEOUT_S["cuda"]
+        self._stall_timeout_given = stall_timeout is not None
         self._last_progress = time.monotonic()  # last message from the engine loop
         self._busy_since = time.monotonic()  # when work last became pending after none
         self._stall_logged = False
         self._pending: dict[str, _Pending] = {}
+        # Sequences the engine still owns (sent, no final output yet), per request: the work the
+        # stall check waits on. Not _pending: a client that stops reading keeps its request
+        # there long after the engine has finished it and gone idle.
+        self._owned: dict[str, set[int]] = {}
         self._ids = itertools.count()
         self._stats = EngineStats()
         self._dead: str | None = None
@@ -257,6 +265,8 @@ class AsyncEngine:
                 raise EngineDeadError(f"the engine failed to start: {msg[1]}")
             if msg[0] == "ready":
                 self._stats = msg[1]
+                if not self._stall_timeout_given:
+                    self.stall_timeout = STALL_TIMEOUT_S.get(self._stats.device, STALL_TIMEOUT_S["cpu"])
                 break
         self._loop = asyncio.get_running_loop()
         self._reader = threading.Thread(target=self._read_outputs, name="engine-reader", daemon=True)
@@ -282,20 +292,23 @@ class AsyncEngine:
         return self._dead
 
     def seconds_since_step(self) -> float:
-        """Seconds since the engine last reported a step (or since work arrived, if later)."""
+        """Seconds since the engine last reported a step (or since work arrived, if later);
+        0 while the engine owns no work."""
+        if not self._owned:
+            return 0.0
         return time.monotonic() - max(self._last_progress, self._busy_since)
 
     @property
     def stalled(self) -> bool:
-        """Work is pending and the engine has not completed a step for stall_timeout seconds
-        (a hung or stopped engine process). Clears itself when steps resume."""
-        stalled = bool(self._pending) and self.healthy and self.seconds_since_step() > self.stall_timeout
+        """The engine owns work and has not completed a step for stall_timeout seconds (a
+        hung or stopped engine process). Clears itself when steps resume."""
+        stalled = self.healthy and self.seconds_since_step() > self.stall_timeout
         if stalled != self._stall_logged:
             self._stall_logged = stalled
             if stalled:
                 log.error(
                     "the engine made no progress for %.1f s with %d request(s) pending (stall timeout "
-                    "%.0f s): /health reports 503", self.seconds_since_step(), len(self._pending),
+                    "%.0f s): /health reports 503", self.seconds_since_step(), len(self._owned),
                     self.stall_timeout,
                 )  # fmt: skip
             else:
@@ -351,15 +364,30 @@ class AsyncEngine:
         self._loop.call_soon_threadsafe(self._fail_all, reason)
 
     def _fail_all(self, reason: str) -> None:
+        self._owned.clear()
         for p in list(self._pending.values()):
             p.queue.put_nowait(EngineDeadError(reason))
 
+    def _release(self, rid: str, index: int | None = None) -> None:
+        """The engine no longer owns sequence `index` of `rid` (all of them: None)."""
+        seqs = self._owned.get(rid)
+        if seqs is not None:
+            if index is None:
+                seqs.clear()
+            else:
+                seqs.discard(index)
+            if not seqs:
+                del self._owned[rid]
+
     def _dispatch(self, outputs: list[EngineOutput], errors: list[tuple[str, str]]) -> None:
         for rid, message in errors:
+            self._release(rid)
             p = self._pending.get(rid)
             if p is not None:
                 p.queue.put_nowait(EngineRequestError(message))
         for out in outputs:
+            if out.finish_reason is not None:
+                self._release(out.request_id, None if out.finish_reason == "error" else out.index)
             p = self._pending.get(out.request_id)
             if p is not None:
                 p.queue.put_nowait(out)
@@ -380,13 +408,14 @@ class AsyncEngine:
         if rid in self._pending:
             raise EngineRequestError(f"request id {rid!r} is already in use")
         pending = _Pending(asyncio.get_running_loop())
-        if not self._pending:
-            self._busy_since = time.monotonic()  # the stall clock starts with the work
         self._pending[rid] = pending
         trackers = [SequenceTracker(self.processor, params, i) for i in range(params.n)]
         req = EngineRequest(rid, inputs.prompt_token_ids, params, inputs.images, self.processor.eos_token_ids)
         finished_cleanly = False
         try:
+            if not self._owned:
+                self._busy_since = time.monotonic()  # the stall clock starts with the work
+            self._owned[rid] = set(range(params.n))
             self._inbox.put(("add", req))
             num_cached = 0
             queue_time = first_latency = None
@@ -408,6 +437,7 @@ class AsyncEngine:
                             queue_time, first_latency = out.queue_time, out.first_token_latency
                     if t.update(out):
                         self._inbox.put(("finish_seq", rid, out.index))  # stop string: free its blocks
+                        self._release(rid, out.index)
                     changed.add(out.index)
                 done = all(t.finished for t in trackers)
                 deltas = []

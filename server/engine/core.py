@@ -77,6 +77,7 @@ class EngineStats:
     step_tokens: int = 0
     vision_runs: int = 0
     num_steps: int = 0  # steps run since start: the heartbeat the API side watches
+    device: str = ""  # "cuda" or "cpu"
 
 
 @dataclass
@@ -210,6 +211,10 @@ class EngineCore:
         n_prompt = len(req.prompt_token_ids)
         if n_prompt == 0:
             raise RequestRejected("the prompt is empty")
+        vocab = self.model.cfg.text.vocab_size
+        if not 0 <= min(req.prompt_token_ids) <= max(req.prompt_token_ids) < vocab:
+            bad = next(t for t in req.prompt_token_ids if not 0 <= t < vocab)
+            raise RequestRejected(f"prompt token id {bad} is out of range (vocabulary size {vocab})")
         if n_prompt >= self.max_model_len:
             raise RequestRejected(
                 f"the prompt has {n_prompt} tokens; the maximum context length is {self.max_model_len}"
@@ -437,6 +442,7 @@ class EngineCore:
             step_tokens=self.last_step_tokens,
             vision_runs=self.runner.vision_runs,
             num_steps=self.num_steps,
+            device=self.model.device.type,
         )
 
 

@@ -17,6 +17,7 @@ MAX_STOP_CHARS = 512
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_K = 2**31 - 1  # a top_k above the vocabulary means "off"; an int32 keeps it a tensor value
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # any 64-bit seed, signed or not
+MIN_REPETITION_PENALTY = 0.01  # seen logits divided by it stay finite (1e-300 gave inf, then NaN)
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (logits / t would overflow)
 
 
@@ -66,7 +67,11 @@ class SamplingParams:
             ),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
-            (0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "must be in (0, 2]"),
+            (
+                MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2.0,
+                "repetition_penalty",
+                f"must be in [{MIN_REPETITION_PENALTY}, 2]",
+            ),
             (
                 self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
                 "logprobs",

@@ -190,7 +190,8 @@ def _decode_base64(payload: str, max_bytes: int) -> bytes:
     encoded_limit = 4 * ((max_bytes + 2) // 3)
     if len(payload) > 2 * encoded_limit:
         raise ImageError(f"image is too large: more than {max_bytes} bytes encoded")
-    if any(ws in payload for ws in " \t\n\r\v\f"):  # each `in` is a fast scan; a regex held the GIL
+    # each `in` is a fast scan, as is isascii(); a regex over the whole payload held the GIL
+    if not payload.isascii() or any(ws in payload for ws in " \t\n\r\v\f"):
         # MIME-style line breaks are common and harmless; stripped a piece at a time
         payload = "".join(_WHITESPACE.sub("", piece) for piece in _pieces(payload))
     if len(payload) > encoded_limit:
@@ -214,9 +215,12 @@ _B64_PIECE = 1 << 20  # characters (a multiple of 4): about a millisecond of dec
 def _b64decode_in_pieces(payload: str) -> bytes:
     """base64.b64decode(payload, validate=True), a piece at a time: each call holds the GIL
     for its whole input, and a 20 MB image decoded at once kept the event loop waiting."""
-    if "=" in payload[:-2]:
-        raise binascii.Error("padding '=' before the end of the data")
-    return b"".join(base64.b64decode(piece, validate=True) for piece in _pieces(payload))
+    data = payload.rstrip("=")
+    if "=" in data:
+        raise binascii.Error("Discontinuous padding not allowed")
+    pieces = _pieces(data) or [""]
+    pieces[-1] += payload[len(data) :]  # the padding goes with the last piece, as in one call
+    return b"".join(base64.b64decode(piece, validate=True) for piece in pieces)
 
 
 def _pieces(text: str) -> list[str]:
