@@ -72,14 +72,19 @@ async def chat_inputs(
         )
     for param, url in sources:  # refuse cheap-to-spot problems before any decoding work
         _check_source(state, param, url)
-    check_text_size(state, sum(_text_chars(m.content) for m in messages), "messages")
+    num_chars = sum(_text_chars(m.content) for m in messages)
+    check_text_size(state, num_chars, "messages")
     images = await asyncio.gather(*(_load_image(state, param, url) for param, url in sources))
 
-    def build() -> PromptInputs:  # template and tokenizer: off the event loop
+    def build() -> PromptInputs:
         return processor.build_inputs(processor.render_chat(normalized, add_generation_prompt), list(images))
 
     try:
-        return await asyncio.to_thread(build)
+        if num_chars < LONG_TEXT_CHARS:
+            # Short chats inline (well under a millisecond): in a worker thread the template's
+            # pure Python takes the GIL from the loop for a switch interval (5 ms) at a time.
+            return build()
+        return await asyncio.to_thread(build)  # long ones: template and tokenizer off the loop
     except PromptError as e:
         raise bad_request(str(e), "messages") from e
 
