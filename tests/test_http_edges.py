@@ -27,19 +27,9 @@ _WS_HEADERS = (
 
 def _raw(port: int, data: bytes, timeout: float = 10.0) -> bytes:
     """Send bytes, read until the server closes (or `timeout`); the whole answer."""
-    out = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except (TimeoutError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            out += chunk
-    return out
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.sendall(data)
+    return _read_response(s, timeout)
 
 
 def _split(raw: bytes) -> tuple[int, dict[str, str], bytes]:
