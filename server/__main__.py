@@ -58,10 +58,30 @@ def openai_http_protocol(base: type | None = None) -> type:
     from server.api.errors import raw_http_error
 
     class OpenAIHTTPProtocol(base):  # type: ignore[misc, valid-type]
+        _deferred_400 = False
+
         def send_400_response(self, msg: str) -> None:
             cycle = getattr(self, "cycle", None)
+            if cycle is not None and not cycle.response_complete and not cycle.more_body:
+                # the bad bytes follow a whole request still being answered (pipelining; the
+                # C parser reads ahead): answer that one first, then the 400
+                self._deferred_400 = True
+                self.flow.pause_reading()
+                return
             if cycle is not None and cycle.response_started and not cycle.response_complete:
                 self.transport.close()  # a response is half sent: nothing valid can follow
+                return
+            self._write_400_and_close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            cycle = getattr(self, "cycle", None)
+            done = cycle is None or cycle.response_complete
+            if self._deferred_400 and done and not getattr(self, "pipeline", None):
+                self._write_400_and_close()
+
+        def _write_400_and_close(self) -> None:
+            if self.transport.is_closing():
                 return
             headers = list(self.server_state.default_headers)  # date, server
             self.transport.write(raw_http_error(400, MALFORMED_HTTP, "malformed_http", headers=headers))

@@ -24,6 +24,7 @@ ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]  # fmt: skip
 ITERATION_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+LOOP_LAG_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 IMAGE_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
@@ -124,6 +125,12 @@ class Metrics:
         self.requests_queued = Gauge(
             PREFIX + "api_requests_queued",
             "Requests admitted by the API and waiting for their first token (--max-queued-requests bounds it).",
+            registry=r,
+        )
+        self.event_loop_lag = Histogram(
+            PREFIX + "api_event_loop_lag_seconds",
+            "How late the API event loop woke a timer set every 20 ms (time a request waited for the loop).",
+            buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
         self.draining = Gauge(PREFIX + "draining", "1 while the server drains after SIGTERM.", registry=r)

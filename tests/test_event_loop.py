@@ -7,9 +7,14 @@ Now, while these are in flight together
   - 8 chat requests with prompts just under the cheap size bound (tokenized, then refused),
   - a /tokenize of 1 MB and a /detokenize of 200k ids (answered),
   - 8 chat requests with a 36-Mpx image each,
-  - 300 concurrent streams,
+  - 300 concurrent streams (opened over 0.6 s, as a load generator spawns users; all 300 are
+    in flight together, which the test checks),
 /health, polled every 50 ms from another process, answers within 100 ms at the 99th
-percentile."""
+percentile.
+
+The load generator runs in this machine's CPUs, which in production are the clients' own: it
+runs at a lowered CPU priority so that it stands for remote clients rather than competing with
+the server it measures (on a 2-core CI machine it otherwise takes a core from the loop)."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -26,6 +32,7 @@ import pytest
 from api_server import ServerProcess, data_url, kv_empty, wait_until
 from PIL import Image
 
+from server.api.background import lower_this_thread_priority
 from server.api.body import LARGE_BODY_BYTES, parse_json
 
 MAX_MODEL_LEN = 4096
@@ -116,14 +123,21 @@ def test_health_answers_within_100ms_under_mixed_abuse(tmp_path):
         rng = random.Random(0)
         near = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(MAX_MODEL_LEN * 10))
         results: dict[str, list[int]] = {}
+        streams_open = [0, 0]  # now, most at once
 
-        async def post(kind: str, c: httpx.AsyncClient, path: str, body: dict, stream: bool = False) -> None:
+        async def post(
+            kind: str, c: httpx.AsyncClient, path: str, body: dict, stream: bool = False, delay: float = 0.0
+        ) -> None:
+            await asyncio.sleep(delay)
             try:
                 if stream:
+                    streams_open[0] += 1  # in flight from its request to its last byte
+                    streams_open[1] = max(streams_open)
                     async with c.stream("POST", path, json=body) as r:
                         async for _ in r.aiter_lines():
                             pass
                         status = r.status_code
+                    streams_open[0] -= 1
                 else:
                     status = (await c.post(path, json=body)).status_code
             except httpx.HTTPError:
@@ -144,7 +158,7 @@ def test_health_answers_within_100ms_under_mixed_abuse(tmp_path):
                 jobs += [post("image", c, "/v1/chat/completions", {"messages": image_msgs, "max_tokens": 2})
                          for _ in range(8)]  # fmt: skip
                 jobs += [post("stream", c, "/v1/chat/completions",
-                              {"messages": msgs(f"story {i}"), "max_tokens": 8, "stream": True}, True)
+                              {"messages": msgs(f"story {i}"), "max_tokens": 8, "stream": True}, True, i * 0.002)
                          for i in range(300)]  # fmt: skip
                 await asyncio.wait_for(asyncio.gather(*jobs), 600)
 
@@ -154,7 +168,14 @@ def test_health_answers_within_100ms_under_mixed_abuse(tmp_path):
         )
         time.sleep(1.0)  # the poller's own start-up is not the server's latency
         t0 = time.monotonic()
-        asyncio.run(abuse())
+
+        def remote_clients() -> None:
+            lower_this_thread_priority()
+            asyncio.run(abuse())
+
+        clients = threading.Thread(target=remote_clients)
+        clients.start()
+        clients.join()
         abuse_s = time.monotonic() - t0
         stop_file.touch()
         out, _ = poller.communicate(timeout=60)
@@ -172,6 +193,7 @@ def test_health_answers_within_100ms_under_mixed_abuse(tmp_path):
         assert set(results["image"]) <= {200, 400} and len(results["image"]) == 8, results
         streams = results["stream"]
         assert streams.count(200) == 300, {s: streams.count(s) for s in set(streams)}
+        assert streams_open[1] == 300, f"at most {streams_open[1]} streams were in flight together"
         assert wait_until(lambda: kv_empty(srv.url), 30)
     finally:
         assert srv.stop() == 0, srv.log_text()[-3000:]

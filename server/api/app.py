@@ -34,6 +34,7 @@ from server.config import ServerConfig
 from server.model.processor import PromptError
 
 from . import chat
+from .background import run_text_work
 from .body import OffLoopJSONRoute
 from .chat import check_model, get_state
 from .errors import (
@@ -480,7 +481,7 @@ def _router() -> Any:
         state = get_state(request)
         check_model(state, body.model)
         check_token_ids(state, body.tokens, "tokens")
-        text = await asyncio.to_thread(state.processor.decode, body.tokens, False)  # up to 1M ids
+        text = await run_text_work(state.processor.decode, body.tokens, False)  # up to 1M ids
         return {"prompt": text}
 
     return router

@@ -1,8 +1,8 @@
 """Request -> model input: chat messages (with images) or a raw prompt -> PromptInputs, and the
 request's sampling fields -> SamplingParams (model defaults where the request is silent).
 
-Image work (base64 decode, pixel decode, resize, patchify) runs in the thread pool, never on
-the event loop; http(s) images are fetched first (media.py). Every refusal is a 400 whose
+Image work (base64 decode, pixel decode, resize, patchify) and long text run in low-priority
+worker threads (background.py), never on the event loop; http(s) images are fetched first (media.py). Every refusal is a 400 whose
 `param` points at the offending field.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -18,14 +17,12 @@ from server.engine.sampling_params import MAX_CHOICES, SamplingParams
 from server.model.images import ImageError, ProcessedImage
 from server.model.processor import LONG_TEXT_CHARS, PromptError, PromptInputs
 
+from .background import run_image_work, run_text_work
 from .errors import APIError, bad_request
 from .media import check_allowed, fetch_image, url_scheme
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from .state import ServerState
 
-# Image decoding holds the GIL in stretches (allocating a 36-Mpx frame, converting it): two
-# threads keep the cores busy without a crowd of GIL holders in front of the event loop.
-_IMAGE_WORKERS = ThreadPoolExecutor(2, thread_name_prefix="image-decode")
 _DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 _FALLBACK = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
@@ -84,7 +81,7 @@ async def chat_inputs(
             # Short chats inline (well under a millisecond): in a worker thread the template's
             # pure Python takes the GIL from the loop for a switch interval (5 ms) at a time.
             return build()
-        return await asyncio.to_thread(build)  # long ones: template and tokenizer off the loop
+        return await run_text_work(build)  # long ones: template and tokenizer off the loop
     except PromptError as e:
         raise bad_request(str(e), "messages") from e
 
@@ -113,7 +110,7 @@ async def tokenize_text(state: ServerState, text: str) -> list[int]:
     """Token ids of a raw prompt, tokenized off the event loop when it is long."""
     if len(text) < LONG_TEXT_CHARS:
         return state.processor.encode(text)
-    return await asyncio.to_thread(state.processor.encode, text)
+    return await run_text_work(state.processor.encode, text)
 
 
 def _check_source(state: ServerState, param: str, url: str) -> None:
@@ -140,7 +137,7 @@ async def _load_image(state: ServerState, param: str, url: str) -> ProcessedImag
             raise bad_request(str(e), param, "invalid_image_url") from e
     try:
         t0 = time.perf_counter()
-        image = await asyncio.get_running_loop().run_in_executor(_IMAGE_WORKERS, state.processor.load, source)
+        image = await run_image_work(state.processor.load, source)
         state.metrics.image_preprocess.observe(time.perf_counter() - t0)
         return image
     except (ImageError, PromptError) as e:

@@ -10,11 +10,15 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import anyio
+
 from server.config import ServerConfig
 from server.metrics import Metrics
 
+from .background import warm_up
 from .body import start_pool, stop_pool
 from .errors import unavailable
+from .loop_lag import LoopLagMonitor
 from .media import MediaPolicy, new_http_client
 
 if TYPE_CHECKING:
@@ -60,6 +64,7 @@ class ServerState:
         self.drain_deadline = 0.0
         self.stopping = False
         self.exit_code = 0
+        self.loop_lag: LoopLagMonitor | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -92,7 +97,12 @@ class ServerState:
         engine.on_stats = self.metrics.on_engine_stats
         self.http = new_http_client(self.media)
         await asyncio.to_thread(start_pool)
+        await asyncio.to_thread(warm_up, engine.processor)
+        async with anyio.create_task_group():  # imports anyio's asyncio backend (streams use it)
+            pass
         self.engine = engine
+        self.loop_lag = LoopLagMonitor(self.metrics.event_loop_lag.observe)
+        self.loop_lag.start()
         log.info("engine ready: model %s, max_model_len %d", c.model, self.max_model_len)
         # Everything alive now (torch, the tokenizer, the app) lives as long as the process: keep
         # it out of the collector's full passes, which took 150-600 ms under load here and held
@@ -102,6 +112,8 @@ class ServerState:
 
     async def stop(self) -> None:
         self.stopping = True
+        if self.loop_lag is not None:
+            await self.loop_lag.stop()
         stop_pool()
         if self.http is not None:
             await self.http.aclose()
