@@ -29,11 +29,13 @@ from server.metrics import RequestMetrics
 from server.model.processor import PromptInputs
 
 from .body import OffLoopJSONRoute
+from .constraints import tool_choice_mode
 from .errors import SERVER, UNAVAILABLE, APIError, bad_request, error_body
 from .fanout import CombinedMetrics, merge_streams
-from .prompts import chat_inputs, completion_inputs, fit_to_context, sampling_params
+from .prompts import chat_inputs, check_structured_output, completion_inputs, fit_to_context, sampling_params
 from .protocol import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
 from .state import ServerState, Ticket
+from .tool_calls import ToolCallStream, parse_tool_calls
 
 log = logging.getLogger("grace_serve.api")
 router = APIRouter(route_class=OffLoopJSONRoute)
@@ -271,14 +273,14 @@ def _lp(value: float) -> float:
 
 def chat_logprobs(tok: _TokenText, lps: list[Logprob], top: int) -> dict[str, Any]:
     def entry(tid: int, lp: float) -> dict[str, Any]:
-        text = tok(tid)
-        return {"token": text, "logprob": _lp(lp), "bytes": list(text.encode("utf-8"))}
+        return {"token": tok(tid), "logprob": _lp(lp), "bytes": list(tok.processor.token_bytes(tid))}
 
     return {
         "content": [
             entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top_logprobs[:top]]}
             for lp in lps
-        ]
+        ],
+        "refusal": None,
     }
 
 
@@ -316,9 +318,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     model = state.config.model_name
     top = body.top_logprobs or 0
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    # tools are offered (and the output parsed for calls) unless tool_choice is "none"
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if tool_choice_mode(body) != "none" else []
 
     async def prepare() -> Prepared:
-        inputs = await chat_inputs(state, body.messages)
+        await check_structured_output(state, params, body)
+        inputs = await chat_inputs(state, body.messages, tools=tools or None)
         return [(inputs, fit_to_context(state, params, len(inputs.prompt_token_ids), "messages", max_param))]
 
     def chunk(choices: list[dict[str, Any]], usage: Any = ...) -> bytes:
@@ -331,51 +336,65 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
+    def finish_reason(reason: str | None, called: bool) -> str | None:
+        return "tool_calls" if called and reason == "stop" else reason
+
     async def render_stream(
         deltas: AsyncIterator[RequestDelta], rm: RequestMetrics, p: SamplingParams
     ) -> AsyncIterator[bytes]:
         tok = _TokenText(state)
+        parsers = {i: ToolCallStream() for i in range(p.n)} if tools else {}
         for i in range(p.n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])  # fmt: skip
         async with contextlib.aclosing(deltas) as it:
             async for delta in it:
-                out = []
                 for d in delta.deltas:
                     if not d.text and not d.logprobs and d.finish_reason is None:
                         continue
-                    out.append({
-                        "index": d.index,
-                        "delta": {"content": d.text} if d.text else {},
-                        "logprobs": chat_logprobs(tok, d.logprobs, top) if p.logprobs is not None and d.logprobs else None,
-                        "finish_reason": d.finish_reason,
-                        **({"stop_reason": d.stop_reason} if d.finish_reason is not None else {}),
-                    })  # fmt: skip
-                if out:
-                    yield chunk(out)
+                    parser = parsers.get(d.index)
+                    if parser is None:
+                        pieces = [{"content": d.text}] if d.text else []
+                    else:
+                        pieces = parser.feed(d.text) + (parser.finish() if d.finish_reason is not None else [])
+                    lps = chat_logprobs(tok, d.logprobs, top) if p.logprobs is not None and d.logprobs else None
+                    for j, piece in enumerate(pieces or [{}]):
+                        last = j == max(len(pieces), 1) - 1
+                        entry: dict[str, Any] = {"index": d.index, "delta": piece,
+                                                 "logprobs": lps if j == 0 else None, "finish_reason": None}  # fmt: skip
+                        if last and d.finish_reason is not None:
+                            entry["finish_reason"] = finish_reason(d.finish_reason, bool(parser and parser.calls))
+                            entry["stop_reason"] = d.stop_reason
+                        if piece or entry["logprobs"] or entry["finish_reason"]:
+                            yield chunk([entry])
         if include_usage:
             yield chunk([], _usage(rm))
         yield b"data: [DONE]\n\n"
 
+    def message(text: str) -> tuple[dict[str, Any], bool]:
+        content, calls = parse_tool_calls(text) if tools else (text, [])
+        msg: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+        if calls:
+            msg["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in calls
+            ]
+        return msg, bool(calls)
+
     def render_full(choices: list[Choice], rm: RequestMetrics) -> dict[str, Any]:
         tok = _TokenText(state)
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": "".join(c.text)},
-                    "logprobs": chat_logprobs(tok, c.logprobs, top) if params.logprobs is not None else None,
-                    "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason,
-                }
-                for i, c in enumerate(choices)
-            ],
-            "usage": _usage(rm),
-        }
+        out = []
+        for i, c in enumerate(choices):
+            msg, called = message("".join(c.text))
+            out.append({
+                "index": i,
+                "message": msg,
+                "logprobs": chat_logprobs(tok, c.logprobs, top) if params.logprobs is not None else None,
+                "finish_reason": finish_reason(c.finish_reason, called),
+                "stop_reason": c.stop_reason,
+            })  # fmt: skip
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": out,
+                "usage": _usage(rm)}  # fmt: skip
 
     def stream_body(
         d: AsyncIterator[RequestDelta], rm: RequestMetrics, p: SamplingParams
@@ -407,6 +426,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
     async def prepare() -> Prepared:
+        await check_structured_output(state, params, body)
         return [
             (inputs, fit_to_context(state, params, len(inputs.prompt_token_ids), "prompt", "max_tokens"))
             for inputs in await completion_inputs(state, body)

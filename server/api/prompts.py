@@ -9,15 +9,18 @@ worker threads (background.py), never on the event loop; http(s) images are fetc
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import replace
 from typing import Any
 
-from server.engine.sampling_params import MAX_CHOICES, SamplingParams
+from server.engine.sampling_params import MAX_CHOICES, MAX_LOGIT_BIAS_VALUE, SamplingParams
+from server.engine.structured import StructuredOutputError
 from server.model.images import ImageError, ProcessedImage
 from server.model.processor import LONG_TEXT_CHARS, PromptError, PromptInputs
 
 from .background import run_image_work, run_text_work
+from .constraints import check_tools, structured_output
 from .errors import APIError, bad_request
 from .media import check_allowed, fetch_image, url_scheme
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -32,7 +35,8 @@ _FALLBACK = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repeti
 
 def normalize_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Messages in the shape the chat template expects (images as `{"type": "image"}`
-    placeholders, as Processor.process_chat builds them) and the image URLs with their param."""
+    placeholders, as Processor.process_chat builds them; assistant `tool_calls` and `tool`
+    results as Qwen's template reads them) and the image URLs with their param."""
     out: list[dict[str, Any]] = []
     images: list[tuple[str, str]] = []
     for i, m in enumerate(messages):
@@ -51,12 +55,22 @@ def normalize_messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.name is not None:
             msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                for c in m.tool_calls
+            ]  # fmt: skip
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     return out, images
 
 
 async def chat_inputs(
-    state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True
+    state: ServerState,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> PromptInputs:
     processor = state.processor
     normalized, sources = normalize_messages(messages)
@@ -69,12 +83,13 @@ async def chat_inputs(
         )
     for param, url in sources:  # refuse cheap-to-spot problems before any decoding work
         _check_source(state, param, url)
-    num_chars = sum(_text_chars(m.content) for m in messages)
+    num_chars = sum(_text_chars(m.content) for m in messages) + (len(json.dumps(tools)) if tools else 0)
     check_text_size(state, num_chars, "messages")
     images = await asyncio.gather(*(_load_image(state, param, url) for param, url in sources))
 
     def build() -> PromptInputs:
-        return processor.build_inputs(processor.render_chat(normalized, add_generation_prompt), list(images))
+        extra = {"tools": tools} if tools else {}
+        return processor.build_inputs(processor.render_chat(normalized, add_generation_prompt, **extra), list(images))
 
     try:
         if num_chars < LONG_TEXT_CHARS:
@@ -212,7 +227,12 @@ def sampling_params(state: ServerState, req: ChatCompletionRequest | CompletionR
             raise bad_request("echo is not supported", "echo")
         if req.suffix:
             raise bad_request("suffix is not supported", "suffix")
+    _refuse_unsupported(req)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    logit_bias = _logit_bias(state, req.logit_bias)
+    if isinstance(req, ChatCompletionRequest):
+        check_tools(req)
+    structured, _ = structured_output(req)
     if req.stop_token_ids:
         check_token_ids(state, req.stop_token_ids, "stop_token_ids")
     if max_tokens is not None and req.min_tokens > max_tokens:
@@ -231,10 +251,62 @@ def sampling_params(state: ServerState, req: ChatCompletionRequest | CompletionR
             ignore_eos=req.ignore_eos,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            logit_bias=logit_bias,
+            structured=structured,
             **values,
         )
     except ValueError as e:  # SamplingParams names the field first
         raise bad_request(str(e), str(e).split(" ", 1)[0]) from e
+
+
+# Fields a caller sets expecting an effect this server cannot give: a 400, never silence.
+_UNSUPPORTED = {
+    "functions": "the deprecated 'functions' field is not supported; send 'tools'",
+    "function_call": "the deprecated 'function_call' field is not supported; send 'tool_choice'",
+    "audio": "audio output is not supported: this model writes text",
+    "web_search_options": "web search is not available on this server",
+    "prediction": "predicted outputs are not supported",
+}
+
+
+def _refuse_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
+    if isinstance(req, ChatCompletionRequest):
+        for name, why in _UNSUPPORTED.items():
+            if getattr(req, name) is not None:
+                raise bad_request(why, name)
+        if req.modalities is not None and set(req.modalities) - {"text"}:
+            raise bad_request("only the 'text' output modality is supported", "modalities")
+    elif req.best_of is not None and req.best_of != req.n:
+        raise bad_request("best_of is not supported (send n to get several choices)", "best_of")
+
+
+def _logit_bias(state: ServerState, bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias} -> {id: bias}, every id in the vocabulary, |bias| <= 100."""
+    if not bias:
+        return None
+    vocab, out = state.processor.vocab_size, {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab:
+            raise bad_request(f"logit_bias key {key[:32]!r} is not a token id (vocabulary size {vocab})",
+                              "logit_bias")  # fmt: skip
+        if not -MAX_LOGIT_BIAS_VALUE <= value <= MAX_LOGIT_BIAS_VALUE:
+            raise bad_request(f"logit_bias values must be in [-100, 100] (got {value} for {key})", "logit_bias")
+        out[int(key)] = float(value)
+    return out
+
+
+async def check_structured_output(
+    state: ServerState, params: SamplingParams, req: ChatCompletionRequest | CompletionRequest
+) -> None:
+    """Compile the request's grammar before admission, off the loop (cached by spec): one the
+    grammar engine refuses is a 400 naming where it came from, and never reaches the engine."""
+    if params.structured is None:
+        return
+    try:
+        await run_text_work(state.grammars.check, params.structured)
+    except StructuredOutputError as e:
+        raise bad_request(f"cannot constrain the output to this: {e}", structured_output(req)[1],
+                          "unsupported_structured_output") from e  # fmt: skip
 
 
 def fit_to_context(state: ServerState, params: SamplingParams, num_prompt: int, prompt_param: str,

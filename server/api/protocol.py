@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.engine.sampling_params import (
+    MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_N,
     MAX_STOP_TOKEN_IDS,
@@ -22,6 +23,8 @@ from server.engine.sampling_params import (
     SEED_MIN,
 )
 
+MAX_TOOLS = 128
+MAX_TOOL_CALLS = 128  # in one assistant message of the history
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOP_K)]  # the vocabulary bound is checked in prompts.py
 
 
@@ -49,10 +52,88 @@ class ContentPart(_Request):
         return self
 
 
+class FunctionCall(_Request):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str = Field(max_length=1 << 20)  # JSON text, as the model (or OpenAI) wrote it
+
+
+class ToolCall(_Request):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOL_CALLS)  # assistant
+    tool_call_id: str | None = Field(default=None, max_length=256)  # tool: the call it answers
+    refusal: str | None = None  # assistant: accepted in history, rendered as nothing
+
+    @model_validator(mode="after")
+    def _fits_role(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs the 'tool_call_id' of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only 'assistant' messages carry 'tool_calls'")
+        return self
+
+
+# -- tools and structured outputs ------------------------------------------------------------------
+
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None  # always honoured: calls are grammar-constrained when enforced
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Request):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, populate_by_name=True)
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _has_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.json_schema is None):
+            raise ValueError("type 'json_schema' needs 'json_schema': {'name': ..., 'schema': {...}}")
+        return self
+
+
+class StructuredOutputsParams(_Request):
+    """vLLM's `structured_outputs` extension (exactly one of these)."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1, max_length=1024)
+    grammar: str | None = None
+    json_object: bool | None = None
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, populate_by_name=True)
 
 
 class StreamOptions(_Request):
@@ -82,6 +163,18 @@ class _SamplingFields(_Request):
     user: str | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # token id (as a string, as OpenAI sends it) -> bias added to its logit
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    # vLLM's structured-output extensions (the older guided_* fields and the newer object)
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1, max_length=1024)
+    guided_grammar: str | None = None
+    # accepted and ignored: they change nothing about the answer (docs/API.md lists them)
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -89,6 +182,17 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[ChatTool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    # refused with a 400 when set: this server cannot honour them (docs/API.md)
+    functions: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    web_search_options: Any = None
+    prediction: Any = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -96,6 +200,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
 
 
 class TokenizeRequest(_Request):
@@ -120,16 +225,24 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: dict[str, int] | None = None
 
 
+class ChatToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: dict[str, str]  # name, arguments (JSON text)
+
+
 class ChatChoiceMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    refusal: str | None = None  # always null: the model has no refusal channel
+    tool_calls: list[ChatToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatChoiceMessage
     logprobs: dict[str, Any] | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None
+    finish_reason: Literal["stop", "length", "tool_calls", "abort", "error"] | None
     stop_reason: int | str | None = None
 
 
@@ -146,7 +259,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: dict[str, Any] | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None
+    finish_reason: Literal["stop", "length", "abort", "error"] | None
     stop_reason: int | str | None = None
 
 

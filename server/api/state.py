@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from server.config import ServerConfig
+from server.engine.structured import GrammarCompiler
 from server.metrics import Metrics
 
 from .background import warm_up
@@ -65,6 +66,7 @@ class ServerState:
         self.stopping = False
         self.exit_code = 0
         self.loop_lag: LoopLagMonitor | None = None
+        self.grammars: GrammarCompiler  # set in start(): compiles requests' output constraints
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -98,6 +100,12 @@ class ServerState:
         self.http = new_http_client(self.media)
         await asyncio.to_thread(start_pool)
         await asyncio.to_thread(warm_up, engine.processor)
+        self.grammars = await asyncio.to_thread(
+            GrammarCompiler,
+            engine.processor.tokenizer,
+            engine.model_config.text.vocab_size,
+            engine.processor.eos_token_ids,
+        )
         async with anyio.create_task_group():  # imports anyio's asyncio backend (streams use it)
             pass
         self.engine = engine

@@ -35,6 +35,21 @@ class PromptInputs:
     prompt: str | None = None
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as the printable character that stands for it
+    in the vocabulary (what the ByteLevel pre-tokenizer and decoder use)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+
+
 def _raise(message: str) -> None:
     raise TemplateError(message)
 
@@ -54,6 +69,9 @@ class Processor:
         self.tokenizer = Tokenizer.from_file(str(tok_file))
         # UTF-8 bytes of the longest token string: byte-level and metaspace alphabets spell a
         # byte with at least one byte, so this bounds the text bytes one token can cover
+        self._byte_level = type(self.tokenizer.decoder).__name__ == "ByteLevel"
+        self._added_ids = set(self.tokenizer.get_added_tokens_decoder())
+        self._token_bytes: dict[int, bytes] = {}
         self.max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab(with_added_tokens=True))
         self.chat_template = _read_chat_template(path)
         pre = path / "preprocessor_config.json"
@@ -69,6 +87,22 @@ class Processor:
         env.globals["raise_exception"] = _raise
         env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
         self._template = env.from_string(self.chat_template) if self.chat_template else None
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes, even when it is part of a UTF-8 character (decoding it alone
+        gives U+FFFD): concatenated over the output they give back its text's bytes."""
+        cached = self._token_bytes.get(token_id)
+        if cached is not None:
+            return cached
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None:
+            out = b""
+        elif token_id in self._added_ids or not self._byte_level:
+            out = self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
+        else:
+            out = bytes(_BYTE_OF_CHAR.get(ch, 0) for ch in piece)
+        self._token_bytes[token_id] = out
+        return out
 
     @property
     def vocab_size(self) -> int:
