@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from .runner import ChunkFault, ModelRunner, PendingTokens, SequenceData
 from .sampler import PendingSample, SamplingInput, sample_async
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, Sequence, Status
+from .structured import CompiledGrammar, GrammarCompiler, GrammarState
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +104,10 @@ class EngineCore:
             loaded = load_model(args.model, device=device, dtype=dtype, quantization=args.quantization)
             model = loaded.model
             image_settings = _image_settings(loaded.path)
+            self.tokenizer_path: Path | None = Path(loaded.path) / "tokenizer.json"
         else:
             image_settings = ImageSettings()
+            self.tokenizer_path = None  # set it to serve structured outputs
         model.set_backend(args.kernel_backend)
         self.model = model
         cfg = model.cfg
@@ -139,6 +143,9 @@ class EngineCore:
         self.num_steps = 0
         self.last_step: SchedulerOutput | None = None
         self._inflight: _InFlight | None = None
+        self._grammar_compilers: dict[tuple[int, ...], GrammarCompiler] = {}  # by EOS ids
+        # requests whose grammar compiles in the background: out of the scheduler until done
+        self._compiling: dict[str, Future[CompiledGrammar]] = {}
         # Overlap the host's work with the device's: only worth it where they run in parallel.
         cuda = model.device.type == "cuda"
         self.async_scheduling = cuda if args.async_scheduling is None else args.async_scheduling
@@ -239,6 +246,14 @@ class EngineCore:
             req.params.validate()  # LLM callers and tests may have changed fields after construction
         except ValueError as e:
             raise RequestRejected(str(e)) from e
+        bias = req.params.logit_bias or {}
+        if bias and max(bias) >= vocab:
+            raise RequestRejected(
+                f"logit_bias token id {max(bias)} is out of range (vocabulary size {vocab})"
+            )
+        compiling = None
+        if req.params.structured is not None:
+            compiling = self._grammar_compiler(req.eos_token_ids).submit(req.params.structured)
         # Everything that can fail is computed before the scheduler sees the request.
         positions, delta = mrope_positions(
             req.prompt_token_ids, [im.grid_thw for im in req.images], self.image_token_id, self.merge_size
@@ -253,10 +268,41 @@ class EngineCore:
             seq = Sequence(req.request_id, i, data, req.params, spans, arrival_time=time.monotonic())
             seq.gate = seqs[0] if i > 0 and self.block_manager.enable_prefix_caching else None
             seqs.append(seq)
-        for seq in seqs:
-            self.scheduler.add(seq)
+        if compiling is not None:
+            self._compiling[req.request_id] = compiling
+        else:
+            for seq in seqs:
+                self.scheduler.add(seq)
         self.requests[req.request_id] = seqs
         self.eos[req.request_id] = frozenset(stop)
+
+    def _grammar_compiler(self, eos_token_ids: list[int]) -> GrammarCompiler:
+        key = tuple(sorted(set(eos_token_ids)))
+        if key not in self._grammar_compilers:
+            if self.tokenizer_path is None or not self.tokenizer_path.is_file():
+                raise RequestRejected("structured outputs need the model's tokenizer.json")
+            vocab = self.model.cfg.text.vocab_size
+            self._grammar_compilers[key] = GrammarCompiler(self.tokenizer_path, vocab, list(key))
+        return self._grammar_compilers[key]
+
+    def _admit_compiled(self) -> list[EngineOutput]:
+        """Requests whose grammar is ready join the scheduler (each sibling its own matcher);
+        a grammar that failed to compile fails its request only."""
+        outputs: list[EngineOutput] = []
+        for rid, fut in list(self._compiling.items()):
+            if not fut.done():
+                continue
+            del self._compiling[rid]
+            seqs = self.requests.get(rid)
+            if seqs is None:  # aborted meanwhile
+                continue
+            if fut.exception() is not None:
+                outputs += self.fail_request(rid, f"structured output: {fut.exception()}")
+                continue
+            for seq in seqs:
+                seq.grammar = GrammarState(fut.result())
+                self.scheduler.add(seq)
+        return outputs
 
     def abort_request(self, request_id: str) -> list[EngineOutput]:
         return self._end_request(request_id, "abort")
@@ -270,6 +316,7 @@ class EngineCore:
     def _end_request(self, request_id: str, reason: str, error: str | None = None) -> list[EngineOutput]:
         seqs = self.requests.pop(request_id, None)
         self.eos.pop(request_id, None)
+        self._compiling.pop(request_id, None)
         outs = []
         for seq in seqs or []:
             if seq.status is not Status.FINISHED:
@@ -288,7 +335,7 @@ class EngineCore:
             self.eos.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or self._inflight is not None
+        return self.scheduler.has_work() or self._inflight is not None or bool(self._compiling)
 
     # -- the step --------------------------------------------------------------------------
 
@@ -297,6 +344,7 @@ class EngineCore:
         scheduling: the device runs this step while the host reads the last one's tokens and
         books them) or of this one (sync)."""
         self.num_steps += 1
+        admitted = self._admit_compiled() if self._compiling else []
         sched = self.scheduler.schedule()
         self.last_step = sched  # for describe_step() if this step fails
         self.last_step_tokens = sched.num_tokens
@@ -311,7 +359,10 @@ class EngineCore:
                 failed = self.fail_request(sched.seqs[fault.chunk_index].request_id, str(fault))
                 sched = SchedulerOutput([], [])
                 self.last_step_tokens = 0
-        outputs = failed + (self._collect(inflight) if inflight else [])
+        # Grammar ordering under async scheduling: step N's tokens are collected (and each
+        # matcher advanced by its token) here, before step N+1's rows are sampled below, so
+        # every mask sees its row's latest token; the mask fill overlaps step N+1's forward.
+        outputs = admitted + failed + (self._collect(inflight) if inflight else [])
         if sched.chunks:
             self.scheduler.after_step(sched)  # after _collect: full blocks hash the tokens it adds
             launched, failed = self._launch_sampling(sched, logits)
@@ -371,8 +422,12 @@ class EngineCore:
         if len(keep) < len(wanted):
             logits = logits.index_select(0, to_device(keep, logits.device, torch.long))
         seqs = [wanted[i] for i in keep]
+        for s in seqs:
+            if s.grammar is not None:
+                s.grammar.sync(s.data.output_token_ids)
         return sample_async(
-            logits, [SamplingInput(s.params, s.data, s.index, self.eos[s.request_id]) for s in seqs]
+            logits,
+            [SamplingInput(s.params, s.data, s.index, self.eos[s.request_id], s.grammar) for s in seqs],
         )
 
     def _samples_alone(self, logits: torch.Tensor, seq: Sequence, row: int) -> bool:
@@ -401,6 +456,9 @@ class EngineCore:
             if seq.status is Status.FINISHED:  # aborted or stopped while its token was in flight
                 continue
             seq.data.append(tok)
+            if seq.grammar is not None and not seq.grammar.advance(tok):
+                outputs += self.fail_request(seq.request_id, f"structured output: {seq.grammar.error}")
+                continue
             out = EngineOutput(seq.request_id, seq.index, [tok], [lp] if lp is not None else None)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -409,6 +467,8 @@ class EngineCore:
                 out.queue_time = (seq.scheduled_time or now) - seq.arrival_time
                 out.first_token_latency = now - seq.arrival_time
             reason = self._finish_reason(seq, tok)
+            if reason is None and seq.grammar is not None and seq.grammar.ended_by(tok):
+                reason = ("stop", None)  # the grammar is complete: EOS ends it even with ignore_eos
             if reason is not None:
                 out.finish_reason, out.stop_reason = reason
                 self.scheduler.finish(seq, *reason)

@@ -17,6 +17,7 @@ from server.transfer import to_device
 
 from .runner import SequenceData
 from .sampling_params import GREEDY_BELOW, SamplingParams
+from .structured import GrammarState, apply_bitmask, fill_bitmask
 
 _MASK64 = (1 << 64) - 1
 
@@ -29,6 +30,7 @@ class SamplingInput:
     data: SequenceData  # all token ids (prompt + output) without copies
     sample_index: int = 0  # which of the n siblings
     stop_token_ids: frozenset[int] = frozenset()  # EOS ids + params.stop_token_ids, for min_tokens
+    grammar: GrammarState | None = None  # its matcher, advanced to this row's last token
 
 
 @dataclass
@@ -79,6 +81,30 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingInput]) -> torch.Te
             )
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits)
     return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingInput]) -> None:
+    """Every row's logit_bias in one index_add over the flattened (contiguous) logits."""
+    vocab = logits.shape[-1]
+    flat: list[int] = []
+    vals: list[float] = []
+    for i, r in enumerate(rows):
+        for t, v in (r.params.logit_bias or {}).items():
+            if t < vocab:
+                flat.append(i * vocab + t)
+                vals.append(float(v))
+    if flat:
+        dev = logits.device
+        logits.view(-1).index_add_(0, to_device(flat, dev, torch.long), to_device(vals, dev, logits.dtype))
+
+
+def apply_grammars(logits: torch.Tensor, rows: list[SamplingInput]) -> None:
+    """Forbidden tokens of every constrained row to -inf: one host mask fill for all of
+    them, one copy, applied on the device."""
+    constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+    if constrained:
+        states = [rows[i].grammar for i in constrained]
+        apply_bitmask(logits, constrained, fill_bitmask(states, logits.shape[-1]))  # type: ignore[arg-type]
 
 
 def _filtered_sorted_probs(
@@ -194,10 +220,25 @@ def sample_async(logits: torch.Tensor, rows: list[SamplingInput]) -> PendingSamp
     want_lp = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     want_lp_idx = to_device(want_lp, dev, torch.long) if want_lp else None
     raw_logprobs = logits.index_select(0, want_lp_idx).log_softmax(-1) if want_lp_idx is not None else None
-    if any(_penalized(r) or r.params.min_tokens for r in rows):
-        logits = apply_penalties(logits.clone(), rows)  # the caller's logits stay as they were
+    biased = any(r.params.logit_bias for r in rows)
+    constrained = any(r.grammar is not None for r in rows)
+    if biased or constrained or any(_penalized(r) or r.params.min_tokens for r in rows):
+        logits = logits.clone()  # the caller's logits stay as they were (a failed step retries)
+    if biased:
+        apply_logit_bias(logits, rows)
+    if constrained:  # before penalties and filters: they then see only the allowed tokens
+        apply_grammars(logits, rows)
+    if any(_penalized(r) for r in rows):
+        logits = apply_penalties(logits, rows)
     for i, r in enumerate(rows):  # min_tokens: no stopping token before the minimum
-        if r.params.min_tokens and r.data.num_output_tokens < r.params.min_tokens and r.stop_token_ids:
+        # not for grammar rows: the grammar decides where the output may end (a complete
+        # grammar allows only EOS, and masking it too would leave no token at all)
+        if (
+            r.params.min_tokens
+            and r.grammar is None
+            and r.data.num_output_tokens < r.params.min_tokens
+            and r.stop_token_ids
+        ):
             ids = to_device(sorted(t for t in r.stop_token_ids if t < vocab), dev, torch.long)
             logits[i].index_fill_(0, ids, float("-inf"))  # not setitem: that may sync on a GPU
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .structured import StructuredOutput
+
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 128  # n x prompts of one /v1/completions request (each is an engine sequence)
 MAX_LOGPROBS = 20
@@ -18,6 +20,8 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_K = 2**31 - 1  # a top_k above the vocabulary means "off"; an int32 keeps it a tensor value
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # any 64-bit seed, signed or not
 MIN_REPETITION_PENALTY = 0.01  # seen logits divided by it stay finite (1e-300 gave inf, then NaN)
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias (one scatter per step, sized by it)
+MAX_LOGIT_BIAS_VALUE = 100.0  # |bias|: +-100 already means "always" / "never"
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (logits / t would overflow)
 
 
@@ -40,6 +44,8 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured: StructuredOutput | None = None  # grammar the output must match (engine/structured.py)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -97,11 +103,39 @@ class SamplingParams:
             ),
             (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "seed", "must be a 64-bit integer"),
         ]
+        checks += self._bias_checks()
         for ok, name, why in checks:
             if not ok:
                 got = repr(getattr(self, name))
                 got = got if len(got) <= 120 else got[:117] + "..."
                 raise ValueError(f"{name} {why} (got {got})")
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise ValueError("structured must be a StructuredOutput")
+            self.structured.validate()
+
+    def _bias_checks(self) -> list[tuple[bool, str, str]]:
+        lb = self.logit_bias
+        if lb is None:
+            return []
+        if not isinstance(lb, dict):
+            return [(False, "logit_bias", "must map token ids to numbers")]
+        return [
+            (len(lb) <= MAX_LOGIT_BIAS, "logit_bias", f"must have at most {MAX_LOGIT_BIAS} entries"),
+            (
+                all(isinstance(t, int) and 0 <= t <= MAX_TOP_K for t in lb),
+                "logit_bias",
+                "keys must be token ids (integers >= 0)",
+            ),
+            (
+                all(
+                    isinstance(v, (int, float)) and -MAX_LOGIT_BIAS_VALUE <= v <= MAX_LOGIT_BIAS_VALUE
+                    for v in lb.values()
+                ),
+                "logit_bias",
+                f"values must be in [-{MAX_LOGIT_BIAS_VALUE:g}, {MAX_LOGIT_BIAS_VALUE:g}]",
+            ),
+        ]
 
     @property
     def greedy(self) -> bool:

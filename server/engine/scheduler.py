@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from .kv_cache import BlockManager, BlockSpans
 from .runner import ScheduledChunk, SequenceData
 from .sampling_params import SamplingParams
+from .structured import GrammarState
 
 
 class Status(enum.Enum):
@@ -44,6 +45,7 @@ class Sequence:
     num_pending: int = 0  # sampled on the device by the step in flight, not yet on the host
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    grammar: GrammarState | None = None  # structured output: this sequence's own matcher
 
     @property
     def num_tokens(self) -> int:

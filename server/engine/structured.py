@@ -1,0 +1,324 @@
+"""Structured outputs: grammars that constrain a sequence's tokens, on llguidance.
+
+A request's `StructuredOutput` is turned into an llguidance grammar and compiled into a
+matcher template (LRU-cached by the `StructuredOutput`); each sequence gets its own copy,
+advanced by every sampled token. Each step the matchers of the constrained rows fill one
+packed bitmask (32 tokens per int32, in parallel in llguidance's Rust threads, without the
+GIL); the device unpacks it and sets forbidden logits to -inf.
+
+Where compilation runs: the API process calls `GrammarCompiler.check` in a worker thread
+before admission (errors reach the user as 400s); the engine process compiles again in a
+background thread (`GrammarCompiler.submit`) and keeps the request out of the scheduler
+until its grammar is ready, so the engine step never waits on a compile.
+
+The `grammar` kind takes llguidance's Lark dialect (Lark syntax plus `%json {schema}`,
+`%regex {...}` and special tokens as `<|name|>` or `<[id]>`; see llguidance's docs).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from server.transfer import to_device
+
+if TYPE_CHECKING:
+    import llguidance
+    from tokenizers import Tokenizer
+
+Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar", "tool_calls"]
+KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "tool_calls")
+MAX_SPEC_CHARS = 256 * 1024  # a grammar's text; the compile cost grows with it
+CACHE_SIZE = 256  # compiled grammars kept per process
+
+# The JSON schema keywords llguidance honours (or that only annotate). Anything else is
+# refused rather than silently ignored: an ignored constraint is output the user didn't ask for.
+_SCHEMA_KEYWORDS = frozenset(
+    "type properties required additionalProperties items prefixItems minItems maxItems enum const "
+    "anyOf oneOf allOf $ref $defs definitions minLength maxLength pattern format minimum maximum "
+    "exclusiveMinimum exclusiveMaximum multipleOf minProperties maxProperties "
+    "title description default examples $schema $id $comment deprecated readOnly writeOnly".split()
+)
+# Compact JSON as Qwen writes it (", " / ": "), no free whitespace: a sampled run cannot
+# spend its tokens on blanks.
+_JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What a request constrains its output to: picklable, hashable (the compile-cache key)."""
+
+    kind: Kind
+    spec: str = ""
+    # json_schema: the JSON schema as JSON text; json_object: "" (any JSON object);
+    # regex: the pattern; choice: a JSON list of strings (output is exactly one of them);
+    # grammar: llguidance Lark text (see the module docstring);
+    # tool_calls: JSON text {"tools": [{"name": str, "parameters": <JSON schema>}], "parallel": bool}
+    #   -> one (or, if parallel, one or more, separated by "\n") Qwen tool-call blocks, exactly:
+    #   "<tool_call>\n" + {"name": ..., "arguments": <JSON valid for that tool>} + "\n</tool_call>".
+
+    def validate(self) -> None:
+        """Cheap checks (no compile): a ValueError naming what is wrong."""
+        if self.kind not in KINDS:
+            raise ValueError(f"structured output kind must be one of {', '.join(KINDS)} (got {self.kind!r})")
+        if not isinstance(self.spec, str) or len(self.spec) > MAX_SPEC_CHARS:
+            raise ValueError(
+                f"structured output spec must be a string of at most {MAX_SPEC_CHARS} characters"
+            )
+
+
+class StructuredOutputError(ValueError):
+    """A grammar that cannot be used, with a message the user can act on."""
+
+
+def _check_schema(schema: Any, where: str = "schema") -> None:
+    """Refuse keywords llguidance would not enforce, naming the first one found."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise StructuredOutputError(f"invalid JSON schema: {where} must be an object or a boolean")
+    for key, val in schema.items():
+        if key not in _SCHEMA_KEYWORDS:
+            raise StructuredOutputError(f"unsupported JSON schema keyword {key!r} (at {where})")
+        if key in _SUBSCHEMA_MAPS:
+            if not isinstance(val, dict):
+                raise StructuredOutputError(f"invalid JSON schema: {where}.{key} must be an object")
+            for name, sub in val.items():
+                _check_schema(sub, f"{where}.{key}.{name}")
+        elif key in _SUBSCHEMA_LISTS:
+            if not isinstance(val, list):
+                raise StructuredOutputError(f"invalid JSON schema: {where}.{key} must be a list")
+            for i, sub in enumerate(val):
+                _check_schema(sub, f"{where}.{key}[{i}]")
+        elif key in _SUBSCHEMAS:
+            _check_schema(val, f"{where}.{key}")
+
+
+def _parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise StructuredOutputError(f"{what} is not valid JSON: {e}") from None
+
+
+def _lark_literal(s: str) -> str:
+    return json.dumps(s)  # Lark string literals take JSON's escapes
+
+
+def _tool_calls_lark(spec: str, special: dict[str, int]) -> str:
+    """One tool-call block per call: the name picks the arguments' schema."""
+    cfg = _parse_json(spec, "tool_calls spec")
+    tools = cfg.get("tools") if isinstance(cfg, dict) else None
+    if not isinstance(tools, list) or not tools:
+        raise StructuredOutputError(
+            'tool_calls spec must be {"tools": [{"name": ..., "parameters": ...}, ...]}'
+        )
+    bodies = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise StructuredOutputError(f"tools[{i}] needs a non-empty string name")
+        params = tool.get("parameters") or {"type": "object"}
+        _check_schema(params, f"tools[{i}].parameters")
+        body = {
+            "type": "object",
+            "properties": {"name": {"const": tool["name"]}, "arguments": params},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+            "x-guidance": _JSON_OPTIONS,
+        }
+        bodies.append(f"%json {json.dumps(body)}")
+    # Qwen's <tool_call> / </tool_call> are added tokens: special ones must be named by id
+    open_, close = (
+        f"<[{special[t]}]>" if t in special else _lark_literal(t) for t in ("<tool_call>", "</tool_call>")
+    )
+    repeat = ' ("\\n" call)*' if cfg.get("parallel") else ""
+    lines = [f"start: call{repeat}", f'call: {open_} "\\n" body "\\n" {close}', "body: " + " | ".join(bodies)]
+    return "\n".join(lines) + "\n"
+
+
+def to_grammar(so: StructuredOutput, special: dict[str, int] | None = None) -> str:
+    """The llguidance grammar text for `so` (no tokenizer needed: compiled later)."""
+    import llguidance
+
+    so.validate()
+    if so.kind == "json_schema":
+        schema = _parse_json(so.spec, "json_schema")
+        _check_schema(schema)
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)  # type: ignore[arg-type]
+    if so.kind == "json_object":
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_OPTIONS)  # type: ignore[arg-type]
+    if so.kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(so.spec)
+    if so.kind == "choice":
+        choices = _parse_json(so.spec, "choice")
+        if not (isinstance(choices, list) and choices and all(isinstance(c, str) and c for c in choices)):
+            raise StructuredOutputError("choice must be a non-empty JSON list of non-empty strings")
+        return "start: " + " | ".join(_lark_literal(c) for c in choices) + "\n"
+    if so.kind == "tool_calls":
+        return _tool_calls_lark(so.spec, special or {})
+    return so.spec  # grammar: Lark text as given
+
+
+class CompiledGrammar:
+    """A matcher in its start state: `new_matcher` copies it (cheap) for each sequence."""
+
+    def __init__(self, template: llguidance.LLMatcher, eos_token_ids: frozenset[int]) -> None:
+        self._template = template
+        self.eos_token_ids = eos_token_ids
+
+    def new_matcher(self) -> llguidance.LLMatcher:
+        return self._template.deep_copy()
+
+
+def _short(msg: str) -> str:
+    """llguidance's errors end with a state dump; the user needs the first lines."""
+    lines = [ln for ln in msg.strip().splitlines() if ln.strip()][:4]
+    text = " ".join(ln.strip() for ln in lines)
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+_PREFIX = {"json_schema": "invalid JSON schema", "regex": "invalid regex", "grammar": "invalid grammar"}
+
+
+class GrammarCompiler:
+    """Compiles StructuredOutputs against one tokenizer; thread-safe, LRU-cached."""
+
+    def __init__(
+        self,
+        tokenizer_json_path_or_tokenizer: str | Path | Tokenizer,
+        vocab_size: int,
+        eos_token_ids: list[int],
+    ) -> None:
+        import llguidance
+        from tokenizers import Tokenizer
+
+        tok = tokenizer_json_path_or_tokenizer
+        if not isinstance(tok, Tokenizer):
+            tok = Tokenizer.from_file(str(tok))
+        # n_vocab = the logits' width: rows past the tokenizer's vocabulary are padding, never allowed
+        self.tokenizer = llguidance.LLTokenizer(
+            tok.to_str(), n_vocab=vocab_size, eos_token=list(eos_token_ids)
+        )
+        self.vocab_size = vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        added = {a.content: i for i, a in tok.get_added_tokens_decoder().items()}
+        self._special = {
+            s: i for s, i in added.items() if i < vocab_size and self.tokenizer.is_special_token(i)
+        }
+        self._cache: OrderedDict[StructuredOutput, CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def compile(self, so: StructuredOutput) -> CompiledGrammar:
+        import llguidance
+
+        with self._lock:
+            if so in self._cache:
+                self._cache.move_to_end(so)
+                return self._cache[so]
+        try:
+            grammar = to_grammar(so, self._special)
+        except ValueError as e:
+            raise StructuredOutputError(str(e)) from None
+        except Exception as e:  # llguidance's converters raise plain exceptions on bad input
+            raise StructuredOutputError(
+                f"{_PREFIX.get(so.kind, 'invalid ' + so.kind)}: {_short(str(e))}"
+            ) from None
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)  # drops the GIL
+        if matcher.is_error():
+            raise StructuredOutputError(
+                f"{_PREFIX.get(so.kind, 'invalid ' + so.kind)}: {_short(matcher.get_error())}"
+            )
+        compiled = CompiledGrammar(matcher, self.eos_token_ids)
+        with self._lock:
+            self._cache[so] = compiled
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def check(self, so: StructuredOutput) -> None:
+        """Compile (cached) or raise StructuredOutputError; may take long: call it off the loop."""
+        self.compile(so)
+
+    def submit(self, so: StructuredOutput) -> Future[CompiledGrammar]:
+        """Compile in a background thread (the engine step never waits for it)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        return self._pool.submit(self.compile, so)
+
+
+class GrammarState:
+    """One sequence's matcher and how many of its output tokens it has consumed."""
+
+    def __init__(self, compiled: CompiledGrammar) -> None:
+        self.compiled = compiled
+        self.matcher = compiled.new_matcher()
+        self.num_consumed = 0
+
+    def sync(self, output_token_ids: list[int]) -> None:
+        """Rebuild from the output tokens if they and the matcher disagree (never on the
+        normal path: preemption keeps the outputs, so the matcher stays valid)."""
+        if self.num_consumed != len(output_token_ids):
+            self.matcher = self.compiled.new_matcher()
+            self.matcher.consume_tokens(list(output_token_ids))
+            self.num_consumed = len(output_token_ids)
+
+    def advance(self, token_id: int) -> bool:
+        """Consume a sampled token; False: the grammar refused it (the matcher's error)."""
+        self.num_consumed += 1
+        return self.matcher.consume_token(token_id) and not self.matcher.is_error()
+
+    @property
+    def error(self) -> str:
+        return _short(self.matcher.get_error())
+
+    def ended_by(self, token_id: int) -> bool:
+        """The grammar is complete and `token_id` was the EOS it then allows (the only way
+        it ends: a last grammar token is text, and a "stop" finish drops its token from the
+        text; with ignore_eos this still ends the sequence)."""
+        return token_id in self.compiled.eos_token_ids and self.matcher.is_stopped()
+
+
+_executor: llguidance.LLExecutor | None = None
+_bit_tables: dict[torch.device, torch.Tensor] = {}
+
+
+def _bits(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: bit t of byte b. A packed mask's bytes index it straight into tokens."""
+    if device not in _bit_tables:
+        b = torch.arange(256, dtype=torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32)
+        _bit_tables[device] = (b & 1).bool().to(device)
+    return _bit_tables[device]
+
+
+def fill_bitmask(states: list[GrammarState], vocab_size: int, pin: bool = False) -> torch.Tensor:
+    """[len(states), ceil(V / 32)] int32 on the host, bit 1 = allowed, filled in parallel."""
+    global _executor
+    import llguidance
+    from llguidance.torch import fill_next_token_bitmask_par
+
+    if _executor is None:
+        _executor = llguidance.LLExecutor()
+    mask = torch.empty((len(states), (vocab_size + 31) // 32), dtype=torch.int32, pin_memory=pin)
+    fill_next_token_bitmask_par(_executor, [(s.matcher, i) for i, s in enumerate(states)], mask)
+    return mask
+
+
+def apply_bitmask(logits: torch.Tensor, rows: list[int], mask: torch.Tensor) -> None:
+    """logits[rows] (in place) at -inf where the host mask's bit is 0: one copy of the
+    packed mask to the device, unpacked there (a byte-table lookup, little-endian words)."""
+    dev, vocab = logits.device, logits.shape[-1]
+    packed = mask.to(dev, non_blocking=True).view(torch.uint8)  # [n, 4W]: byte k = tokens 8k..8k+7
+    allowed = _bits(dev)[packed.long()].view(len(rows), -1)[:, :vocab]
+    idx = to_device(rows, dev, torch.long)
+    logits.index_copy_(0, idx, logits.index_select(0, idx).masked_fill_(~allowed, float("-inf")))
