@@ -51,19 +51,18 @@ def test_langchain_with_structured_output(server, method):
     assert isinstance(out, Verdict)
 
 
+class GetWeather(pydantic.BaseModel):
+    """Weather in a city."""
+
+    city: str = pydantic.Field(max_length=8)
+    unit: Mood
+
+
 def test_langchain_bind_tools(server):
-    def get_weather(city: str, unit: str) -> str:
-        """Weather in a city.
-
-        Args:
-            city: the city
-            unit: c or f
-        """
-        return "sunny"
-
-    msg = _chat(server).bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Oslo?")
-    assert [c["name"] for c in msg.tool_calls] == ["get_weather"]
-    assert set(msg.tool_calls[0]["args"]) == {"city", "unit"}
+    chat = _chat(server).bind_tools([GetWeather], tool_choice="GetWeather", strict=True)
+    msg = chat.invoke("Weather in Oslo?")
+    assert [c["name"] for c in msg.tool_calls] == ["GetWeather"]
+    GetWeather.model_validate(msg.tool_calls[0]["args"])
 
 
 def test_pydantic_ai_output_type(server):

@@ -271,9 +271,18 @@ def _lp(value: float) -> float:
     return max(float(value), _LOGPROB_FLOOR)
 
 
-def chat_logprobs(tok: _TokenText, lps: list[Logprob], top: int) -> dict[str, Any]:
+def chat_logprobs(tok: _TokenText, lps: list[Logprob], top: int, skip_special: bool = True) -> dict[str, Any]:
+    """`bytes`: the token's own bytes, so that joined they give the text back exactly; null for
+    a special token the text leaves out (skip_special_tokens), as OpenAI allows."""
+    proc = tok.processor
+
     def entry(tid: int, lp: float) -> dict[str, Any]:
-        return {"token": tok(tid), "logprob": _lp(lp), "bytes": list(tok.processor.token_bytes(tid))}
+        skipped = skip_special and tid in proc.special_ids
+        return {
+            "token": tok(tid),
+            "logprob": _lp(lp),
+            "bytes": None if skipped else list(proc.token_bytes(tid)),
+        }
 
     return {
         "content": [
@@ -319,7 +328,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     top = body.top_logprobs or 0
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     # tools are offered (and the output parsed for calls) unless tool_choice is "none"
-    tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if tool_choice_mode(body) != "none" else []
+    tools = (
+        [t.model_dump(exclude_none=True) for t in body.tools or []]
+        if tool_choice_mode(body) != "none"
+        else []
+    )
 
     async def prepare() -> Prepared:
         await check_structured_output(state, params, body)
@@ -356,14 +369,22 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
                     if parser is None:
                         pieces = [{"content": d.text}] if d.text else []
                     else:
-                        pieces = parser.feed(d.text) + (parser.finish() if d.finish_reason is not None else [])
-                    lps = chat_logprobs(tok, d.logprobs, top) if p.logprobs is not None and d.logprobs else None
+                        pieces = parser.feed(d.text) + (
+                            parser.finish() if d.finish_reason is not None else []
+                        )
+                    lps = (
+                        chat_logprobs(tok, d.logprobs, top, p.skip_special_tokens)
+                        if p.logprobs is not None and d.logprobs
+                        else None
+                    )
                     for j, piece in enumerate(pieces or [{}]):
                         last = j == max(len(pieces), 1) - 1
                         entry: dict[str, Any] = {"index": d.index, "delta": piece,
                                                  "logprobs": lps if j == 0 else None, "finish_reason": None}  # fmt: skip
                         if last and d.finish_reason is not None:
-                            entry["finish_reason"] = finish_reason(d.finish_reason, bool(parser and parser.calls))
+                            entry["finish_reason"] = finish_reason(
+                                d.finish_reason, bool(parser and parser.calls)
+                            )
                             entry["stop_reason"] = d.stop_reason
                         if piece or entry["logprobs"] or entry["finish_reason"]:
                             yield chunk([entry])
@@ -389,7 +410,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             out.append({
                 "index": i,
                 "message": msg,
-                "logprobs": chat_logprobs(tok, c.logprobs, top) if params.logprobs is not None else None,
+                "logprobs": chat_logprobs(tok, c.logprobs, top, params.skip_special_tokens) if params.logprobs is not None else None,
                 "finish_reason": finish_reason(c.finish_reason, called),
                 "stop_reason": c.stop_reason,
             })  # fmt: skip

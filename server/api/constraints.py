@@ -20,7 +20,7 @@ from .protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 
 
 def tool_choice_mode(req: ChatCompletionRequest) -> str:
-    """"none", "auto", "required" or "named" (OpenAI's default: auto with tools, else none)."""
+    """ "none", "auto", "required" or "named" (OpenAI's default: auto with tools, else none)."""
     choice = req.tool_choice
     if isinstance(choice, NamedToolChoice):
         return "named"
@@ -56,7 +56,10 @@ def _tool_calls(req: ChatCompletionRequest) -> StructuredOutput:
         tools = [t for t in tools if t.function.name == req.tool_choice.function.name]
     spec = {
         "tools": [
-            {"name": t.function.name, "parameters": t.function.parameters or {"type": "object", "properties": {}}}
+            {
+                "name": t.function.name,
+                "parameters": t.function.parameters or {"type": "object", "properties": {}},
+            }
             for t in tools
         ],
         "parallel": req.parallel_tool_calls and not isinstance(req.tool_choice, NamedToolChoice),
@@ -75,7 +78,9 @@ def _schema_text(value: dict[str, Any] | str, param: str) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def structured_output(req: ChatCompletionRequest | CompletionRequest) -> tuple[StructuredOutput | None, str | None]:
+def structured_output(
+    req: ChatCompletionRequest | CompletionRequest,
+) -> tuple[StructuredOutput | None, str | None]:
     """The request's constraint and the param it came from (None, None: unconstrained)."""
     found: list[tuple[StructuredOutput, str]] = []
     if isinstance(req, ChatCompletionRequest):

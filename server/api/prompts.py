@@ -89,7 +89,9 @@ async def chat_inputs(
 
     def build() -> PromptInputs:
         extra = {"tools": tools} if tools else {}
-        return processor.build_inputs(processor.render_chat(normalized, add_generation_prompt, **extra), list(images))
+        return processor.build_inputs(
+            processor.render_chat(normalized, add_generation_prompt, **extra), list(images)
+        )
 
     try:
         if num_chars < LONG_TEXT_CHARS:
@@ -290,7 +292,9 @@ def _logit_bias(state: ServerState, bias: dict[str, float] | None) -> dict[int, 
             raise bad_request(f"logit_bias key {key[:32]!r} is not a token id (vocabulary size {vocab})",
                               "logit_bias")  # fmt: skip
         if not -MAX_LOGIT_BIAS_VALUE <= value <= MAX_LOGIT_BIAS_VALUE:
-            raise bad_request(f"logit_bias values must be in [-100, 100] (got {value} for {key})", "logit_bias")
+            raise bad_request(
+                f"logit_bias values must be in [-100, 100] (got {value} for {key})", "logit_bias"
+            )
         out[int(key)] = float(value)
     return out
 

@@ -129,12 +129,17 @@ def _tool_calls_lark(spec: str, special: dict[str, int]) -> str:
             raise StructuredOutputError(f"tools[{i}] needs a non-empty string name")
         params = tool.get("parameters") or {"type": "object"}
         _check_schema(params, f"tools[{i}].parameters")
+        # the arguments' definitions move to the root of the block's schema, where their
+        # "#/$defs/..." references (pydantic writes them for enums and nested models) point
+        params = dict(params)
+        defs = {k: params.pop(k) for k in ("$defs", "definitions") if k in params}
         body = {
             "type": "object",
             "properties": {"name": {"const": tool["name"]}, "arguments": params},
             "required": ["name", "arguments"],
             "additionalProperties": False,
             "x-guidance": _JSON_OPTIONS,
+            **defs,
         }
         bodies.append(f"%json {json.dumps(body)}")
     # Qwen's <tool_call> / </tool_call> are added tokens: special ones must be named by id

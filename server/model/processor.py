@@ -38,7 +38,11 @@ class PromptInputs:
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte-level alphabet: each byte as the printable character that stands for it
     in the vocabulary (what the ByteLevel pre-tokenizer and decoder use)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars, extra = {b: chr(b) for b in printable}, 0
     for b in range(256):
         if b not in chars:
@@ -70,7 +74,11 @@ class Processor:
         # UTF-8 bytes of the longest token string: byte-level and metaspace alphabets spell a
         # byte with at least one byte, so this bounds the text bytes one token can cover
         self._byte_level = type(self.tokenizer.decoder).__name__ == "ByteLevel"
-        self._added_ids = set(self.tokenizer.get_added_tokens_decoder())
+        added = self.tokenizer.get_added_tokens_decoder()
+        self._added_ids = set(added)
+        self.special_ids = frozenset(
+            i for i, t in added.items() if t.special
+        )  # what skip_special_tokens drops
         self._token_bytes: dict[int, bytes] = {}
         self.max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab(with_added_tokens=True))
         self.chat_template = _read_chat_template(path)
