@@ -79,7 +79,12 @@ CASES = [
     Case("messages empty", 400, _chat(messages=[]), param="messages"),
     Case("messages is a string", 400, _chat(messages="hi"), param="messages"),
     Case("unknown role", 400, _chat(messages=[{"role": "robot", "content": "hi"}]), param="messages[0].role"),
-    Case("tool role (unsupported)", 400, _chat(messages=[{"role": "tool", "content": "x"}]), param="messages[0].role"),
+    Case("tool message without tool_call_id", 400, _chat(messages=[{"role": "tool", "content": "x"}]),
+         param="messages[0].tool_call_id"),
+    Case("tool_calls on a user message", 400,
+         _chat(messages=[{"role": "user", "content": "x", "tool_calls": [
+             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]),
+         param="messages[0].tool_calls"),
     Case("role missing", 400, _chat(messages=[{"content": "hi"}]), param="messages[0].role"),
     Case("content is a number", 400, _chat(messages=[{"role": "user", "content": 42}]), param="messages[0].content"),
     Case("unknown content part type", 400, _chat(messages=_msgs({"type": "audio", "audio": "x"})),

@@ -31,6 +31,12 @@ def tool_choice_mode(req: ChatCompletionRequest) -> str:
 
 def check_tools(req: ChatCompletionRequest) -> None:
     """400s for tool fields that cannot work together (each names its param)."""
+    for i, m in enumerate(req.messages):
+        if m.role == "tool" and not m.tool_call_id:
+            raise bad_request("a 'tool' message needs the 'tool_call_id' of the call it answers",
+                              f"messages[{i}].tool_call_id")  # fmt: skip
+        if m.tool_calls and m.role != "assistant":
+            raise bad_request("only 'assistant' messages carry 'tool_calls'", f"messages[{i}].tool_calls")
     names = [t.function.name for t in req.tools or []]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)

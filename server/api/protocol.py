@@ -71,14 +71,6 @@ class ChatMessage(_Request):
     tool_call_id: str | None = Field(default=None, max_length=256)  # tool: the call it answers
     refusal: str | None = None  # assistant: accepted in history, rendered as nothing
 
-    @model_validator(mode="after")
-    def _fits_role(self) -> ChatMessage:
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a 'tool' message needs the 'tool_call_id' of the call it answers")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only 'assistant' messages carry 'tool_calls'")
-        return self
-
 
 # -- tools and structured outputs ------------------------------------------------------------------
 
