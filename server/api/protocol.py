@@ -11,6 +11,7 @@ import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from server.engine.sampling_params import (
     MAX_LOGIT_BIAS,
@@ -178,13 +179,14 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
-    # refused with a 400 when set: this server cannot honour them (docs/API.md)
-    functions: list[Any] | None = None
-    function_call: Any = None
-    audio: Any = None
+    # refused with a 400 when set: this server cannot honour them (docs/API.md); left out of
+    # the OpenAPI document, which describes what the server does
+    functions: SkipJsonSchema[Any] = None
+    function_call: SkipJsonSchema[Any] = None
+    audio: SkipJsonSchema[Any] = None
     modalities: list[str] | None = None
-    web_search_options: Any = None
-    prediction: Any = None
+    web_search_options: SkipJsonSchema[Any] = None
+    prediction: SkipJsonSchema[Any] = None
 
 
 class CompletionRequest(_SamplingFields):
