@@ -8,7 +8,7 @@ GIL); the device unpacks it and sets forbidden logits to -inf.
 
 Where compilation runs: the API process calls `GrammarCompiler.check` in a worker thread
 before admission (errors reach the user as 400s); the engine process compiles again in a
-background thread (`GrammarCompiler.submit`) and keeps the request out of the scheduler
+background thread (EngineCore's grammar thread, which also builds the compiler) and keeps the request out of the scheduler
 until its grammar is ready, so the engine step never waits on a compile.
 
 The `grammar` kind takes llguidance's Lark dialect (Lark syntax plus `%json {schema}`,
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -218,7 +217,6 @@ class GrammarCompiler:
         }
         self._cache: OrderedDict[StructuredOutput, CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
 
     def compile(self, so: StructuredOutput) -> CompiledGrammar:
         import llguidance
@@ -250,12 +248,6 @@ class GrammarCompiler:
     def check(self, so: StructuredOutput) -> None:
         """Compile (cached) or raise StructuredOutputError; may take long: call it off the loop."""
         self.compile(so)
-
-    def submit(self, so: StructuredOutput) -> Future[CompiledGrammar]:
-        """Compile in a background thread (the engine step never waits for it)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
-        return self._pool.submit(self.compile, so)
 
 
 class GrammarState:
