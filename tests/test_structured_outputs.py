@@ -8,12 +8,19 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from server.engine import sampler
 from server.engine.core import EngineRequest, RequestRejected
 from server.engine.llm import LLM
 from server.engine.sampling_params import SamplingParams
-from server.engine.structured import GrammarCompiler, StructuredOutput, StructuredOutputError
+from server.engine.structured import (
+    GrammarCompiler,
+    StructuredOutput,
+    StructuredOutputError,
+    _forbidden,
+    _forbidden_on,
+)
 
 SCHEMA = {
     "type": "object",
@@ -197,3 +204,14 @@ def test_without_the_mask_the_validity_check_fails(llm, monkeypatch):
     monkeypatch.setattr(sampler, "apply_grammars", lambda logits, rows: None)
     outs = llm.generate(PROMPTS, _params(temperature=1.0, seed=7, n=2))
     assert not all(_valid(c.text) and c.finish_reason == "stop" for o in outs for c in o.outputs)
+
+
+def test_mask_unpacking_paths_agree():
+    """The CPU (numpy) and device (torch ops) unpackings give token 32w + b from bit b of
+    word w, and cut the padding bits past the vocabulary."""
+    mask = torch.randint(-(2**31), 2**31 - 1, (3, 5), dtype=torch.int32)
+    vocab = 150
+    got = _forbidden(mask, vocab, torch.device("cpu"))
+    assert torch.equal(got, _forbidden_on(mask, vocab))
+    for r, t in [(0, 0), (1, 37), (2, 149)]:
+        assert bool(got[r, t]) == (not (int(mask[r, t // 32]) >> (t % 32)) & 1)

@@ -5,7 +5,10 @@ steps run synchronously with the model forward timed (so per-step CPU overhead =
 minus forward time), then, on CUDA, decode from CUDA graphs synchronously and with async
 scheduling (the default), and a sampled decode (temperature 0.8, top-p 0.95). On CPU it runs
 the demo model; on a GPU `--random-2b` builds a random-weight W8G128 model at the real 2B
-shapes in memory. Prints a Markdown table and writes JSON.
+shapes in memory. `--structured` adds the same sampled decode with every row constrained by
+a JSON schema (vs the unconstrained row of the same run), and the mask cost alone (fill on
+the host + apply on the device) at a 152k-token synthetic vocabulary. Prints a Markdown
+table and writes JSON.
 """
 
 from __future__ import annotations
@@ -13,13 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
+import string
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 
 from .core import EngineArgs, EngineCore, EngineRequest
 from .sampling_params import SamplingParams
+from .structured import GrammarCompiler, GrammarState, StructuredOutput, apply_bitmask, fill_bitmask
+
+# A schema the random model rarely completes in 32 tokens (a free string), so the batch
+# stays full: the steps measure the mask on every row.
+BENCH_SCHEMA = (
+    '{"type": "object", "properties": {"title": {"type": "string"}, "n": {"type": "integer"}},'
+    ' "required": ["title", "n"], "additionalProperties": false}'
+)
 
 
 @dataclass
@@ -104,6 +118,7 @@ def run(
     prompt_len: int,
     decode_tokens: int,
     sampled_batch: int | None = None,
+    structured: bool = False,
 ) -> list[Row]:
     """Prefill, then decode at each batch size in every mode of `modes_for`, then (optionally)
     a sampled decode (temperature 0.8, top-p 0.95) at `sampled_batch` in the last mode."""
@@ -176,8 +191,66 @@ def run(
             temperature=0.8, top_p=0.95, seed=0, max_tokens=decode_tokens, ignore_eos=True
         )
         decode("decode-sampled", modes[-1], sampled_batch, sampled)
+        if structured:
+            so = StructuredOutput("json_schema", BENCH_SCHEMA)
+            decode("decode-json", modes[-1], sampled_batch, replace(sampled, structured=so))
     use(modes[-1])
     return rows
+
+
+def _synthetic_tokenizer(vocab: int) -> Any:
+    """A byte-level BPE with `vocab` - 2 random lowercase words (half with a leading space)
+    and two specials: the real tokenizer's size, no download (llguidance reads only the
+    tokens' bytes, so no merges are needed)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    rng = random.Random(0)
+    table = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    while len(table) < vocab - 2:
+        w = ("Ġ" if rng.random() < 0.5 else "") + "".join(
+            rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))
+        )
+        table.setdefault(w, len(table))
+    tok = Tokenizer(BPE(vocab=table, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_end|>"])
+    return tok
+
+
+def mask_cost(batch: int, vocab: int, device: torch.device, steps: int = 20) -> dict[str, float]:
+    """ms per step of the grammar mask alone at a real-size vocabulary: `batch` matchers
+    filling one bitmask, applied to [batch, vocab] logits; each matcher then advances by an
+    allowed token (a greedy walk through the schema's free string)."""
+    tok = _synthetic_tokenizer(vocab)
+    eos = tok.token_to_id("<|im_end|>")
+    t0 = time.perf_counter()
+    compiled = GrammarCompiler(tok, vocab, [eos]).compile(StructuredOutput("json_schema", BENCH_SCHEMA))
+    compile_ms = 1e3 * (time.perf_counter() - t0)
+    states = [GrammarState(compiled) for _ in range(batch)]
+    logits = torch.randn(batch, vocab, device=device)
+    rows = list(range(batch))
+    fill = apply = 0.0
+    for _ in range(steps):
+        t = time.perf_counter()
+        mask = fill_bitmask(states, vocab)
+        fill += time.perf_counter() - t
+        t = time.perf_counter()
+        masked = logits.clone()
+        apply_bitmask(masked, rows, mask)
+        picked = masked.argmax(-1).tolist()
+        _sync(device)
+        apply += time.perf_counter() - t
+        for s, tok_id in zip(states, picked):
+            s.advance(tok_id)
+    return {
+        "batch": batch,
+        "vocab": vocab,
+        "compile_ms": round(compile_ms, 2),
+        "fill_ms_per_step": round(1e3 * fill / steps, 3),
+        "apply_ms_per_step": round(1e3 * apply / steps, 3),  # incl. clone + argmax + readback
+    }
 
 
 def _ms(x: float | None) -> str:
@@ -214,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--sampled-batch", type=int, default=64, help="batch of the sampled decode row (0: none)")
+    ap.add_argument(
+        "--structured", action="store_true", help="also the sampled decode under a JSON schema, + mask cost"
+    )
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -237,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     core = EngineCore(args, model=model)
     startup = _startup(core, time.perf_counter() - t0)
     print("engine start:", ", ".join(f"{k} {v}" for k, v in startup.items()))
-    rows = run(core, batches, a.prompt_len, a.decode_tokens, sampled_batch=a.sampled_batch)
+    rows = run(core, batches, a.prompt_len, a.decode_tokens, a.sampled_batch, a.structured)
+    masks = mask_cost(a.sampled_batch or 64, 151936, device) if a.structured else None
 
     card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(f"\nengine benchmark: {label} on {device.type} ({card}), torch {torch.__version__}")
@@ -247,6 +324,18 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"| {r.scenario} | {r.mode} | {r.batch} | {r.tokens} | {r.tok_per_s:.1f} | {r.ms_per_step:.2f} | "
             f"{_ms(r.model_ms_per_step)} | {_ms(r.overhead_ms_per_step)} | {r.steps} |"
+        )
+    by = {r.scenario: r for r in rows}
+    if "decode-json" in by:
+        base, con = by["decode-sampled"], by["decode-json"]
+        print(
+            f"\nstructured decode, batch {con.batch}: {con.ms_per_step:.2f} ms/step constrained vs "
+            f"{base.ms_per_step:.2f} unconstrained ({100 * (con.ms_per_step / base.ms_per_step - 1):+.1f} %)"
+        )
+    if masks:
+        print(
+            "grammar mask alone at vocab {vocab}, batch {batch}: compile {compile_ms} ms, fill {fill_ms_per_step} "
+            "ms/step, apply {apply_ms_per_step} ms/step".format(**masks)
         )
     if a.json:
         with open(a.json, "w") as f:
@@ -258,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
                     "torch": torch.__version__,
                     "startup": startup,
                     "rows": [asdict(r) for r in rows],
+                    "grammar_mask": masks,
                 },
                 f,
                 indent=2,

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from server.model.images import ImageSettings, ProcessedImage
 from server.model.loader import load_model
@@ -34,7 +35,7 @@ from .runner import ChunkFault, ModelRunner, PendingTokens, SequenceData
 from .sampler import PendingSample, SamplingInput, sample_async
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, Sequence, Status
-from .structured import CompiledGrammar, GrammarCompiler, GrammarState
+from .structured import CompiledGrammar, GrammarCompiler, GrammarState, StructuredOutput
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,12 @@ class EngineCore:
         self.num_steps = 0
         self.last_step: SchedulerOutput | None = None
         self._inflight: _InFlight | None = None
-        self._grammar_compilers: dict[tuple[int, ...], GrammarCompiler] = {}  # by EOS ids
+        # Built here, not on the first constrained request: reading the vocabulary holds the
+        # GIL (~0.9 s at 152k tokens), which must not stall a step.
+        self.grammar_compiler = self._make_grammar_compiler()
         # requests whose grammar compiles in the background: out of the scheduler until done
         self._compiling: dict[str, Future[CompiledGrammar]] = {}
+        self._grammar_pool: ThreadPoolExecutor | None = None  # one thread: the compilers' only user
         # Overlap the host's work with the device's: only worth it where they run in parallel.
         cuda = model.device.type == "cuda"
         self.async_scheduling = cuda if args.async_scheduling is None else args.async_scheduling
@@ -253,7 +257,9 @@ class EngineCore:
             )
         compiling = None
         if req.params.structured is not None:
-            compiling = self._grammar_compiler(req.eos_token_ids).submit(req.params.structured)
+            if self._grammar_pool is None:
+                self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+            compiling = self._grammar_pool.submit(self._compile, req.params.structured)
         # Everything that can fail is computed before the scheduler sees the request.
         positions, delta = mrope_positions(
             req.prompt_token_ids, [im.grid_thw for im in req.images], self.image_token_id, self.merge_size
@@ -276,14 +282,19 @@ class EngineCore:
         self.requests[req.request_id] = seqs
         self.eos[req.request_id] = frozenset(stop)
 
-    def _grammar_compiler(self, eos_token_ids: list[int]) -> GrammarCompiler:
-        key = tuple(sorted(set(eos_token_ids)))
-        if key not in self._grammar_compilers:
-            if self.tokenizer_path is None or not self.tokenizer_path.is_file():
-                raise RequestRejected("structured outputs need the model's tokenizer.json")
-            vocab = self.model.cfg.text.vocab_size
-            self._grammar_compilers[key] = GrammarCompiler(self.tokenizer_path, vocab, list(key))
-        return self._grammar_compilers[key]
+    def _make_grammar_compiler(self) -> GrammarCompiler | None:
+        path = self.tokenizer_path
+        if path is None or not path.is_file():
+            return None
+        from server.model.processor import _eos_ids as eos_token_ids  # the processor's own rule
+
+        tok = Tokenizer.from_file(str(path))
+        return GrammarCompiler(tok, self.model.cfg.text.vocab_size, eos_token_ids(path.parent, tok))
+
+    def _compile(self, so: StructuredOutput) -> CompiledGrammar:
+        if self.grammar_compiler is None:
+            raise RuntimeError("structured outputs need the model's tokenizer.json")
+        return self.grammar_compiler.compile(so)
 
     def _admit_compiled(self) -> list[EngineOutput]:
         """Requests whose grammar is ready join the scheduler (each sibling its own matcher);
