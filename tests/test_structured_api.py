@@ -299,3 +299,54 @@ def test_best_of_is_refused_unless_it_equals_n(http):
     assert (
         http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "best_of": 1}).status_code == 200
     )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_logprob_tokens_join_back_to_the_text(http, stream):
+    """Single-token decodes show U+FFFD for a token holding part of a character and name the
+    special tokens the text skips: the tokens did not join back to the text and text_offset
+    drifted. Tried on random output seeded to run through multi-byte characters."""
+    body = {"prompt": "日本語 🙂 é 中文", "max_tokens": 40, "temperature": 1.0, "seed": 5, "logprobs": 2}
+    if not stream:
+        choice = http.post("/v1/completions", json=body).json()["choices"][0]
+        text, lp = choice["text"], choice["logprobs"]
+        tokens, offsets = lp["tokens"], lp["text_offset"]
+    else:
+        text, tokens, offsets = "", [], []
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    c = json.loads(line[6:])["choices"][0]
+                    text += c["text"]
+                    if c["logprobs"]:
+                        tokens += c["logprobs"]["tokens"]
+                        offsets += c["logprobs"]["text_offset"]
+    assert "".join(tokens) == text
+    assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
+
+
+def test_responses_and_chunks_validate_against_the_sdk_types(http):
+    """Every shape these features produce, validated (not merely constructed, as the SDK does)
+    against the official openai package's response types: chat with logprobs, tool calls and
+    a schema, completions with logprobs, and the stream chunks of each."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    chats = [
+        {"messages": ASK, "max_tokens": 8, "logprobs": True, "top_logprobs": 2},
+        {"messages": ASK, "tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False,
+         "max_tokens": MAX_TOKENS, "temperature": 0},
+        {"messages": ASK, "response_format": _response_format(SCHEMA), "max_tokens": MAX_TOKENS, "seed": 2},
+    ]  # fmt: skip
+    for body in chats:
+        full = http.post("/v1/chat/completions", json=body).json()
+        ChatCompletion.model_validate(full, strict=False)
+        assert set(full["choices"][0]["message"]) >= {"role", "content", "refusal"}
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True,
+                                                                "stream_options": {"include_usage": True}}) as r:  # fmt: skip
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert chunks
+        for c in chunks:
+            ChatCompletionChunk.model_validate(c)
+    body = {"prompt": "hello", "max_tokens": 8, "logprobs": 2}
+    Completion.model_validate(http.post("/v1/completions", json=body).json())

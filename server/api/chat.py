@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.engine.client import EngineDeadError, EngineRequestError, EngineRequestFailed, RequestDelta
+from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.outputs import Logprob
 from server.engine.sampling_params import SamplingParams
 from server.metrics import RequestMetrics
@@ -293,10 +294,29 @@ def chat_logprobs(tok: _TokenText, lps: list[Logprob], top: int, skip_special: b
     }
 
 
-def completion_logprobs(tok: _TokenText, lps: list[Logprob], top: int, offset: int) -> dict[str, Any]:
+class _TokenPieces:
+    """Each token's share of a choice's text, in order: "" for a token that only starts a
+    character (the token completing it carries the character) or that the text skips (a
+    special token under skip_special_tokens). Joined they are the text, so `text_offset` is
+    exact (single-token decodes show U+FFFD for partial characters and name skipped tokens)."""
+
+    def __init__(self, state: ServerState, skip_special_tokens: bool) -> None:
+        self._detok = IncrementalDetokenizer(state.processor, skip_special_tokens=skip_special_tokens)
+
+    def next(self, token_id: int, last: bool = False) -> str:
+        self._detok.add_tokens([token_id])
+        if last:  # the text ends with whatever is left (a partial character as U+FFFD)
+            self._detok.flush()
+        return self._detok.take_delta(final=last)
+
+
+def completion_logprobs(
+    tok: _TokenText, pieces: _TokenPieces, lps: list[Logprob], top: int, offset: int, final: bool = True
+) -> dict[str, Any]:
+    """`final`: these logprobs end the choice (its text's last piece is theirs)."""
     tokens, offsets = [], []
-    for lp in lps:
-        tokens.append(tok(lp.token_id))
+    for i, lp in enumerate(lps):
+        tokens.append(pieces.next(lp.token_id, last=final and i == len(lps) - 1))
         offsets.append(offset)
         offset += len(tokens[-1])
     return {
@@ -465,6 +485,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     ) -> AsyncIterator[bytes]:
         tok = _TokenText(state)
         offsets: collections.Counter[int] = collections.Counter()  # text so far per choice
+        pieces: dict[int, _TokenPieces] = {}
         async with contextlib.aclosing(deltas) as it:
             async for delta in it:
                 out = []
@@ -473,7 +494,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                         continue
                     lps = None
                     if p.logprobs is not None and d.logprobs:
-                        lps = completion_logprobs(tok, d.logprobs, top, offsets[d.index])
+                        one = pieces.setdefault(d.index, _TokenPieces(state, p.skip_special_tokens))
+                        lps = completion_logprobs(tok, one, d.logprobs, top, offsets[d.index],
+                                                  final=d.finish_reason is not None)  # fmt: skip
                     offsets[d.index] += len(d.text)
                     out.append({"index": d.index, "text": d.text, "logprobs": lps, "finish_reason": d.finish_reason,
                                 **({"stop_reason": d.stop_reason} if d.finish_reason is not None else {})})  # fmt: skip
@@ -494,7 +517,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                 {
                     "index": i,
                     "text": "".join(c.text),
-                    "logprobs": completion_logprobs(tok, c.logprobs, top, 0)
+                    "logprobs": completion_logprobs(
+                        tok, _TokenPieces(state, params.skip_special_tokens), c.logprobs, top, 0
+                    )
                     if params.logprobs is not None
                     else None,
                     "finish_reason": c.finish_reason,
