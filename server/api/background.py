@@ -20,11 +20,10 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from PIL import Image
-
-from server.model.processor import LONG_TEXT_CHARS, Processor
+if TYPE_CHECKING:  # this module stays light: the JSON worker process imports it
+    from server.model.processor import Processor
 
 T = TypeVar("T")
 
@@ -74,6 +73,10 @@ def warm_up(processor: Processor) -> None:
     """Before traffic, what the first requests would otherwise pay on the loop: every worker
     thread started, the image plugins imported, and the tokenizer's parallel threads started
     from a lowered thread, whose priority they keep for the life of the process."""
+    from PIL import Image
+
+    from server.model.processor import LONG_TEXT_CHARS
+
     map_large_allocations()
     _start_every_thread(_IMAGE_WORKERS, IMAGE_THREADS)
     _start_every_thread(_TEXT_WORKERS, TEXT_THREADS)
