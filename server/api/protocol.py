@@ -15,6 +15,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from server.engine.sampling_params import (
     MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_VALUE,
     MAX_LOGPROBS,
     MAX_N,
     MAX_STOP_TOKEN_IDS,
@@ -26,6 +27,8 @@ from server.engine.sampling_params import (
 
 MAX_TOOLS = 128
 MAX_TOOL_CALLS = 128  # in one assistant message of the history
+TokenIdText = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]  # a logit_bias key
+LogitBias = Annotated[float, Field(ge=-MAX_LOGIT_BIAS_VALUE, le=MAX_LOGIT_BIAS_VALUE)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOP_K)]  # the vocabulary bound is checked in prompts.py
 
 
@@ -157,13 +160,14 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # token id (as a string, as OpenAI sends it) -> bias added to its logit
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
-    # vLLM's structured-output extensions (the older guided_* fields and the newer object)
-    structured_outputs: StructuredOutputsParams | None = None
-    guided_json: dict[str, Any] | str | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = Field(default=None, min_length=1, max_length=1024)
-    guided_grammar: str | None = None
+    logit_bias: dict[TokenIdText, LogitBias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    # vLLM's structured-output extensions (the older guided_* fields and the newer object):
+    # accepted, documented in docs/API.md, left out of the OpenAPI document of OpenAI's API
+    structured_outputs: SkipJsonSchema[StructuredOutputsParams | None] = None
+    guided_json: SkipJsonSchema[dict[str, Any] | str | None] = None
+    guided_regex: SkipJsonSchema[str | None] = None
+    guided_choice: SkipJsonSchema[list[str] | None] = Field(default=None, min_length=1, max_length=1024)
+    guided_grammar: SkipJsonSchema[str | None] = None
     # accepted and ignored: they change nothing about the answer (docs/API.md lists them)
     metadata: dict[str, str] | None = None
     store: bool | None = None
