@@ -286,10 +286,10 @@ class EngineCore:
         path = self.tokenizer_path
         if path is None or not path.is_file():
             return None
-        from server.model.processor import _eos_ids as eos_token_ids  # the processor's own rule
+        from server.model.processor import read_eos_token_ids  # the processor's own rule
 
         tok = Tokenizer.from_file(str(path))
-        return GrammarCompiler(tok, self.model.cfg.text.vocab_size, eos_token_ids(path.parent, tok))
+        return GrammarCompiler(tok, self.model.cfg.text.vocab_size, read_eos_token_ids(path.parent, tok))
 
     def _compile(self, so: StructuredOutput) -> CompiledGrammar:
         if self.grammar_compiler is None:

@@ -87,7 +87,7 @@ class Processor:
         self.image_settings = ImageSettings.from_preprocessor_config(pre_cfg, **(image_overrides or {}))
         if self.image_settings.patch_size != config.vision.patch_size:
             raise ValueError("preprocessor_config.json patch_size disagrees with the vision config")
-        self.eos_token_ids = _eos_ids(path, self.tokenizer)
+        self.eos_token_ids = read_eos_token_ids(path, self.tokenizer)
         self.generation_defaults = _generation_defaults(path)
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
@@ -262,7 +262,7 @@ def _read_chat_template(path: Path) -> str | None:
     return None
 
 
-def _eos_ids(path: Path, tok: Tokenizer) -> list[int]:
+def read_eos_token_ids(path: Path, tok: Tokenizer) -> list[int]:
     ids: list[int] = []
     gen = path / "generation_config.json"
     if gen.exists():
