@@ -291,7 +291,15 @@ def main(argv: list[str] | None = None) -> None:
         "--structured", action="store_true", help="also the sampled decode under a JSON schema, + mask cost"
     )
     ap.add_argument("--json", default=None)
+    ap.add_argument("--count-kernels", action="store_true", help="count one decode step's kernels (CPU)")
+    ap.add_argument("--batch", type=int, default=1, help="decode batch of --count-kernels")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers built for --count-kernels")
     a = ap.parse_args(argv)
+    if a.count_kernels:
+        from .kernel_count import main as count_kernels
+
+        count_kernels(a.batch, a.layers)
+        return
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batches = [int(x) for x in a.batches.split(",")]
     args = EngineArgs(
