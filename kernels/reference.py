@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # quant.py imports this module lazily; avoid a runtime cycle
 __all__ = [
     "add_rms_norm",
     "paged_attention",
+    "qk_norm_rope_kv",
     "qmatmul",
     "rms_norm",
     "silu_and_mul",
@@ -157,6 +158,45 @@ def add_rms_norm(
     ``(rms_norm(h, weight, eps), h)``."""
     h = x + residual.to(x.dtype)
     return rms_norm(h, weight, eps), h
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary in x's dtype, as HF Qwen3-VL: x [T, H, D]; cos/sin [T, D] (broadcast over heads)."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+def qk_norm_rope_kv(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+) -> torch.Tensor:
+    """The decoder's step between the fused qkv projection and attention.
+
+    qkv ``[T, (H_q + 2 H_kv) D]`` (q | k | v, D = the norm weights' size, H_kv from the cache);
+    q and k get a per-head RMSNorm (:func:`rms_norm`) then rotary (:func:`apply_rotary`,
+    cos/sin ``[T, D]`` in qkv's dtype); k and v are written to the paged cache
+    (:func:`write_kv_cache`). Returns q ``[T, H_q, D]``. Each op rounds to qkv's dtype: a
+    fused kernel must round at the same points to match.
+    """
+    t = qkv.shape[0]
+    d, h_kv = q_weight.shape[0], k_cache.shape[2]
+    q, k, v = qkv.split([num_heads * d, h_kv * d, h_kv * d], dim=-1)
+    q = apply_rotary(rms_norm(q.view(t, num_heads, d), q_weight, eps), cos, sin)
+    k = apply_rotary(rms_norm(k.view(t, h_kv, d), k_weight, eps), cos, sin)
+    write_kv_cache(k, v.reshape(t, h_kv, d), k_cache, v_cache, slot_mapping)
+    return q
 
 
 def varlen_attention(

@@ -78,6 +78,17 @@ class RMSNorm(nn.Module):
             return norms.rms_norm(x, self.weight, self.eps)
         return ref.rms_norm(x, self.weight, self.eps)
 
+    def add(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add fused into the norm (one
+        kernel on Triton); residual None: (norm(x), x)."""
+        if residual is None:
+            return self(x), x
+        if use_triton(x, self.backend):
+            from kernels import norms
+
+            return norms.add_rms_norm(x, residual, self.weight, self.eps)
+        return ref.add_rms_norm(x, residual, self.weight, self.eps)
+
 
 def silu_and_mul(x: torch.Tensor, backend: str) -> torch.Tensor:
     if use_triton(x, backend):
@@ -86,16 +97,6 @@ def silu_and_mul(x: torch.Tensor, backend: str) -> torch.Tensor:
         return norms.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D]; cos/sin [T, D] (broadcast over heads)."""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
 class MRotaryEmbedding(nn.Module):
@@ -156,22 +157,42 @@ class AttentionMetadata:
     max_seq_len: int
 
 
+def qk_norm_rope_kv(
+    qkv: torch.Tensor,
+    q_norm: RMSNorm,
+    k_norm: RMSNorm,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    meta: AttentionMetadata,
+    num_heads: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """From the fused qkv projection to attention's query: q/k RMSNorm, M-RoPE, and this
+    step's K/V written to the cache (one kernel on Triton). Returns q [T, H_q, D]."""
+    fused = ref.qk_norm_rope_kv
+    if use_triton(qkv, backend):
+        from kernels import rope
+
+        fused = rope.qk_norm_rope_kv
+    return fused(
+        qkv, q_norm.weight, k_norm.weight, q_norm.eps, cos, sin, *kv_cache, meta.slot_mapping, num_heads
+    )
+
+
 def paged_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
     kv_cache: tuple[torch.Tensor, torch.Tensor],
     meta: AttentionMetadata,
     scale: float,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """The attention call-site of the decoder: write this step's K/V, then attend over the
-    whole cached context of each sequence (prefill, prefill with a cached prefix, decode)."""
+    """The attention call-site of the decoder: attend over the whole cached context of each
+    sequence (prefill, prefill with a cached prefix, decode), this step's K/V included."""
     k_cache, v_cache = kv_cache
     if use_triton(q, backend):
         from kernels import attention
 
-        attention.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         return attention.paged_attention(
             q,
             k_cache,
@@ -183,7 +204,6 @@ def paged_attention(
             max_query_len=meta.max_query_len,
             max_seq_len=meta.max_seq_len,
         )
-    ref.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
     return ref.paged_attention(
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale
     )

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.reference import rotate_half
 from server.transfer import to_device
 
 from .layers import (
@@ -18,10 +19,9 @@ from .layers import (
     Linear,
     MRotaryEmbedding,
     RMSNorm,
-    apply_rotary,
     paged_attention,
+    qk_norm_rope_kv,
     release_freed_memory,
-    rotate_half,
     silu_and_mul,
 )
 from .model_config import ModelConfig, TextConfig, VisionConfig
@@ -205,22 +205,22 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden state is x + residual (residual None: x), kept as two terms so each
+        residual add happens inside the next norm's kernel; returns the next (x, residual)."""
         n = x.shape[0]
-        q, k, v = self.qkv_proj(self.input_layernorm(x)).split(
-            [self.q_size, self.kv_size, self.kv_size], dim=-1
+        h, residual = self.input_layernorm.add(x, residual)
+        q = qk_norm_rope_kv(
+            self.qkv_proj(h), self.q_norm, self.k_norm, cos, sin, kv_cache, meta, self.num_heads, self.backend
         )
-        q = apply_rotary(self.q_norm(q.view(n, self.num_heads, self.head_dim)), cos, sin)
-        k = apply_rotary(self.k_norm(k.view(n, self.num_kv_heads, self.head_dim)), cos, sin)
-        v = v.reshape(n, self.num_kv_heads, self.head_dim)
-        attn = paged_attention(q, k, v, kv_cache, meta, self.scale, self.backend)
-        x = x + self.o_proj(attn.reshape(n, self.q_size))
-        gate_up = self.gate_up_proj(self.post_attention_layernorm(x))
-        return x + self.down_proj(silu_and_mul(gate_up, self.backend))
+        attn = paged_attention(q, kv_cache, meta, self.scale, self.backend)
+        h, residual = self.post_attention_layernorm.add(self.o_proj(attn.reshape(n, self.q_size)), residual)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(h), self.backend)), residual
 
 
 @dataclass
@@ -308,11 +308,13 @@ class Qwen3VL(nn.Module):
             x = x.index_copy(0, mm.rows, mm.embeds.to(x.dtype))
         cos, sin = self.rotary(positions, x.dtype)
         n_deepstack = mm.deepstack.shape[0] if mm is not None and mm.embeds.shape[0] else 0
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_caches[i], meta)
-            if i < n_deepstack:
-                x = x.index_add(0, mm.rows, mm.deepstack[i].to(x.dtype))  # type: ignore[union-attr]
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_caches[i], meta)
+            if i < n_deepstack:  # the sum first, then the features, as the reference adds them
+                x = (residual + x).index_add(0, mm.rows, mm.deepstack[i].to(x.dtype))  # type: ignore[union-attr]
+                residual = None
+        return self.norm.add(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head
