@@ -11,7 +11,8 @@ together with all H_q / H_kv query heads that share that KV head: the tile's row
 makes decode (1 token, 2 heads per KV head) bandwidth bound instead of load-count bound.
 Scores and softmax are fp32 (online softmax in base 2). When there are too few programs to
 fill the GPU (decode at small batch), the context is split across programs (flash-decoding)
-and a second kernel merges the partial results.
+and the program that finishes a tile's last split merges the partial results (a ticket
+counter per tile and KV head), so a decode step's attention is one kernel either way.
 """
 
 from __future__ import annotations
@@ -133,7 +134,9 @@ def write_kv_cache(
 # ----------------------------------------------------------------------------- attention
 
 
-@triton.jit
+# Per-step integers are run-time values: a new batch size or split count must not compile a
+# new variant in the middle of traffic (Triton specializes ints on ==1 and %16 otherwise).
+@triton.jit(do_not_specialize=["B", "T", "TILES", "num_splits"])
 def _attn_kernel(
     q_ptr,
     k_ptr,
@@ -145,8 +148,10 @@ def _attn_kernel(
     ws_acc_ptr,
     ws_m_ptr,
     ws_l_ptr,
+    locks_ptr,
     B,
     T,
+    num_splits,
     HQ,
     HEAD_DIM,
     TILES,
@@ -171,7 +176,7 @@ def _attn_kernel(
     BLOCK_D: tl.constexpr,
     PAGED: tl.constexpr,
     CAUSAL: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     # BLOCK_M = BLOCK_Q * GROUP_P rows: (token i, head j) pairs, j fastest.
@@ -224,7 +229,7 @@ def _attn_kernel(
             kv_end = seq_len
         kv_end = tl.where(qt * BLOCK_Q < q_len, kv_end, 0)  # tile past this sequence: no work
         n_iters = (kv_end + BLOCK_N - 1) // BLOCK_N
-        per_split = (n_iters + NUM_SPLITS - 1) // NUM_SPLITS
+        per_split = (n_iters + num_splits - 1) // num_splits
         it_start = split * per_split
         it_end = tl.minimum(it_start + per_split, n_iters)
 
@@ -267,50 +272,80 @@ def _attn_kernel(
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
-        if NUM_SPLITS == 1:
+        o_ptrs = o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        if not SPLIT:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            o_ptrs = o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
             tl.store(o_ptrs, to_out(out, o_ptr), mask=q_mask)
-        else:  # unnormalized partials; _combine_kernel merges the splits
+        else:
+            # Unnormalized partials to the workspace; the split that finishes last merges them
+            # (no second kernel). The barrier makes every thread's stores precede the ticket,
+            # whose acq_rel atomic publishes them (and, for the last, acquires the others').
             row = (split * T + tok) * HQ + head
             tl.store(ws_m_ptr + row, m_i, mask=row_valid)
             tl.store(ws_l_ptr + row, l_i, mask=row_valid)
             tl.store(ws_acc_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_valid[:, None])
+            tl.debug_barrier()
+            lock = locks_ptr + pid * tl.num_programs(1) + kvh
+            ticket = tl.atomic_add(lock, 1, sem="acq_rel")
+            if ticket == num_splits - 1:
+                tl.atomic_xchg(lock, 0)  # ready for the next launch (graph replays reuse it)
+                out = _merge_splits(
+                    ws_acc_ptr,
+                    ws_m_ptr,
+                    ws_l_ptr,
+                    tok,
+                    head,
+                    row_valid,
+                    offs_d,
+                    T,
+                    HQ,
+                    num_splits,
+                    BLOCK_M,
+                    BLOCK_D,
+                )
+                tl.store(o_ptrs, to_out(out, o_ptr), mask=q_mask)
 
 
 @triton.jit
-def _combine_kernel(
+def _merge_splits(
     ws_acc_ptr,
     ws_m_ptr,
     ws_l_ptr,
-    o_ptr,
-    qsl_ptr,
-    B,
+    tok,
+    head,
+    row_valid,
+    offs_d,
     T,
     HQ,
-    HEAD_DIM,
-    stride_ot,
-    stride_oh,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    num_splits,
+    BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Merge the NUM_SPLITS partial softmax results of row (token t, head h)."""
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    total = tl.load(qsl_ptr + B)
-    if t < total:  # padding rows were zeroed by the attention kernel
-        s = tl.arange(0, BLOCK_S)
-        s_mask = s < NUM_SPLITS
-        row = (s * T + t) * HQ + h
-        m = tl.load(ws_m_ptr + row, mask=s_mask, other=float("-inf"))
-        l_s = tl.load(ws_l_ptr + row, mask=s_mask, other=0.0)
-        m_max = tl.max(m, axis=0)
-        w = tl.exp2(m - m_max)  # empty splits (m = -inf) weigh 0
-        offs_d = tl.arange(0, BLOCK_D)
-        acc = tl.load(ws_acc_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)
-        tl.store(o_ptr + t * stride_ot + h * stride_oh + offs_d, to_out(out, o_ptr), mask=offs_d < HEAD_DIM)
+    """Softmax-merge the num_splits partials (m, l, acc) of rows (tok, head): weights
+    exp2(m_s - max m), empty splits (m = -inf) weigh 0. Loads bypass L1 (.cg): the
+    partials were written by other programs."""
+    m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, num_splits):
+        m_s = tl.load(
+            ws_m_ptr + (s * T + tok) * HQ + head, mask=row_valid, other=float("-inf"), cache_modifier=".cg"
+        )
+        m_max = tl.maximum(m_max, m_s)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(0, num_splits):
+        row = (s * T + tok) * HQ + head
+        m_s = tl.load(ws_m_ptr + row, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp2(m_s - m_safe)
+        l_sum += w * tl.load(ws_l_ptr + row, mask=row_valid, other=0.0, cache_modifier=".cg")
+        a = tl.load(
+            ws_acc_ptr + row[:, None] * BLOCK_D + offs_d[None, :],
+            mask=row_valid[:, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        acc += a * w[:, None]
+    return acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
 
 
 @dataclass(frozen=True)
@@ -349,6 +384,21 @@ def plan_attention(
     return AttentionPlan(block_q=block_q, block_n=64 if head_dim <= 128 else 32, num_splits=splits)
 
 
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+_OLD_LOCKS: list[torch.Tensor] = []  # replaced buffers: captured CUDA graphs may still use them
+
+
+def _split_locks(n: int, device: torch.device) -> torch.Tensor:
+    """At least n int32 ticket counters, all zero between launches (the kernel resets the ones
+    it used), allocated once per device: a buffer per call would cost a fill kernel per step."""
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < n:
+        if locks is not None:
+            _OLD_LOCKS.append(locks)
+        locks = _LOCKS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return locks
+
+
 def _launch(
     query: torch.Tensor,
     k: torch.Tensor,
@@ -377,8 +427,9 @@ def _launch(
         ws_acc = torch.empty((splits, t, h_q, block_d), dtype=torch.float32, device=query.device)
         ws_m = torch.empty((splits, t, h_q), dtype=torch.float32, device=query.device)
         ws_l = torch.empty((splits, t, h_q), dtype=torch.float32, device=query.device)
+        locks = _split_locks(batch * tiles * h_kv, query.device)
     else:
-        ws_acc = ws_m = ws_l = out  # unused
+        ws_acc = ws_m = ws_l = locks = out  # unused
     if paged:
         kb, ks, kh = k.stride(0), k.stride(1), k.stride(2)
         vb, vs, vh = v.stride(0), v.stride(1), v.stride(2)
@@ -401,8 +452,10 @@ def _launch(
         ws_acc,
         ws_m,
         ws_l,
+        locks,
         batch,
         t,
+        splits,
         h_q,
         d,
         tiles,
@@ -427,29 +480,11 @@ def _launch(
         BLOCK_D=block_d,
         PAGED=paged,
         CAUSAL=causal,
-        NUM_SPLITS=splits,
+        SPLIT=splits > 1,
         DOT_FP32=dot_fp32,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
-    if splits > 1:
-        _combine_kernel[(t, h_q)](
-            ws_acc,
-            ws_m,
-            ws_l,
-            out,
-            qsl,
-            batch,
-            t,
-            h_q,
-            d,
-            out.stride(0),
-            out.stride(1),
-            NUM_SPLITS=splits,
-            BLOCK_S=next_pow2(splits),
-            BLOCK_D=block_d,
-            num_warps=1 if block_d <= 64 else 2,
-        )
 
 
 def _check_query(query: torch.Tensor, h_kv: int, d_kv: int) -> None:

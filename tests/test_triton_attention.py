@@ -114,6 +114,33 @@ def test_decode_split_context(dtype: torch.dtype) -> None:
     assert plan.num_splits > 1 and plan.block_q * 2 >= 16
 
 
+def test_split_merge_in_kernel_resets_its_tickets_and_a_stale_ticket_is_caught() -> None:
+    """The last split of each tile merges the partials (no second kernel); it leaves its
+    ticket counters at zero, so the next launch (a graph replay) merges again. A counter left
+    non-zero (a mutated kernel that forgot the reset) leaves rows unwritten: caught."""
+    specs = [(70, 1), (129, 1), (33, 1)]
+    args = make_batch(specs, 4, 2, 32, torch.float32, seed=6)
+    plan = attention.AttentionPlan(block_q=8, block_n=16, num_splits=3)
+    for _ in range(2):
+        run_and_check(args, 0.2, True, plan)
+        assert int(attention._LOCKS[args[0].device].abs().sum()) == 0
+    attention._LOCKS[args[0].device][1] = 3  # program 0, KV head 1: not reset after a launch
+    out = torch.full_like(args[0], float("nan"))
+    attention.paged_attention(*args, 0.2, True, max_query_len=1, plan=plan, out=out)
+    assert not torch.isfinite(out).all()
+    attention._LOCKS[args[0].device].zero_()
+
+
+def test_per_step_integers_compile_no_new_variants() -> None:
+    """Batch size, token count, query tiles and split count change from step to step; Triton
+    would specialize ints (== 1, % 16) and compile a new variant mid-traffic. The interpreter
+    compiles nothing, so the declaration is what is checked here."""
+    kernel = attention._attn_kernel
+    declared = kernel.kwargs["do_not_specialize"] if tu.INTERPRET else kernel.do_not_specialize
+    names = [kernel.arg_names[i] if isinstance(i, int) else i for i in declared]
+    assert {"B", "T", "TILES", "num_splits"} <= set(names)
+
+
 def test_split_context_with_prefill_chunk() -> None:
     # Splits with several query rows: some rows see none of a late split's keys (causal).
     args = make_batch([(50, 13), (40, 40)], 4, 2, 32, torch.float32, seed=8)
