@@ -26,7 +26,14 @@ from kernels.triton_utils import INTERPRET, check_triton_device, next_pow2, num_
 import triton  # isort: skip  (kernels.triton_utils sets the interpreter default first)
 import triton.language as tl  # isort: skip
 
-__all__ = ["AttentionPlan", "paged_attention", "plan_attention", "varlen_attention", "write_kv_cache"]
+__all__ = [
+    "AttentionPlan",
+    "decode_attention",
+    "paged_attention",
+    "plan_attention",
+    "varlen_attention",
+    "write_kv_cache",
+]
 
 _LOG2E = 1.4426950408889634
 
@@ -149,6 +156,14 @@ def _attn_kernel(
     ws_m_ptr,
     ws_l_ptr,
     locks_ptr,
+    qn_w_ptr,
+    kn_w_ptr,
+    cos_ptr,
+    sin_ptr,
+    slot_ptr,
+    eps,
+    stride_cos,
+    stride_sin,
     B,
     T,
     num_splits,
@@ -178,8 +193,13 @@ def _attn_kernel(
     CAUSAL: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    FUSE_ROPE: tl.constexpr,
 ):
     # BLOCK_M = BLOCK_Q * GROUP_P rows: (token i, head j) pairs, j fastest.
+    # FUSE_ROPE (decode: one new token per sequence): q_ptr is the qkv projection's output;
+    # q and the new token's k get RMSNorm + rotary here, the new k/v are attended from
+    # registers and written to the cache by split 0, so the cache is read only below
+    # position seq_len - 1 and no program waits for another's write.
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -214,19 +234,51 @@ def _attn_kernel(
         tok = (q_start + qi).to(tl.int64)
         pos = seq_len - q_len + qi  # absolute position of each query row
         q_mask = row_valid[:, None] & d_mask[None, :]
-        q = tl.load(
-            q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-            mask=q_mask,
-            other=0.0,
-        )
-        if DOT_FP32:
-            q = q.to(tl.float32)
+        if FUSE_ROPE:
+            rope_rows = tok[:, None]
+            q = _norm_rope_rows(
+                q_ptr + rope_rows * stride_qt + head[:, None] * stride_qh,
+                qn_w_ptr,
+                cos_ptr + rope_rows * stride_cos,
+                sin_ptr + rope_rows * stride_sin,
+                row_valid,
+                offs_d,
+                HEAD_DIM,
+                eps,
+                o_ptr,
+            )
+            kv_base = q_ptr + rope_rows * stride_qt + (HQ + kvh) * stride_qh
+            k_new = _norm_rope_rows(
+                kv_base,
+                kn_w_ptr,
+                cos_ptr + rope_rows * stride_cos,
+                sin_ptr + rope_rows * stride_sin,
+                row_valid,
+                offs_d,
+                HEAD_DIM,
+                eps,
+                k_ptr,
+            )
+            v_base = kv_base + tl.num_programs(1) * stride_qh
+            v_new = tl.load(v_base + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+            if not DOT_FP32:
+                q = q.to(k_ptr.dtype.element_ty)  # exact: rounded to the activation dtype
+        else:
+            q = tl.load(
+                q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=q_mask,
+                other=0.0,
+            )
+            if DOT_FP32:
+                q = q.to(tl.float32)
 
         # Keys this tile can see: all of them, or (causal) up to its last query's position.
         if CAUSAL:
             kv_end = seq_len - q_len + tl.minimum(q_len, (qt + 1) * BLOCK_Q)
         else:
             kv_end = seq_len
+        if FUSE_ROPE:
+            kv_end = kv_end - 1  # the new token's k/v come from registers
         kv_end = tl.where(qt * BLOCK_Q < q_len, kv_end, 0)  # tile past this sequence: no work
         n_iters = (kv_end + BLOCK_N - 1) // BLOCK_N
         per_split = (n_iters + num_splits - 1) // num_splits
@@ -272,6 +324,29 @@ def _attn_kernel(
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
+        if FUSE_ROPE:
+            if split == num_splits - 1:  # the new token's column, in the last split
+                s_new = tl.sum(q.to(tl.float32) * k_new, axis=1) * qk_scale
+                s_new = tl.where(row_valid, s_new, float("-inf"))
+                m_new = tl.maximum(m_i, s_new)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p_new = tl.exp2(s_new - m_safe)
+                alpha = tl.exp2(m_i - m_safe)
+                l_i = l_i * alpha + p_new
+                if not DOT_FP32:  # as the loop's p.to(v.dtype)
+                    p_new = p_new.to(k_ptr.dtype.element_ty).to(tl.float32)
+                acc = acc * alpha[:, None] + p_new[:, None] * v_new
+                m_i = m_new
+            if split == 0:  # the cache write, once per (token, KV head): rows of head j == 0
+                slot_new = tl.load(slot_ptr + tok, mask=row_valid & (j == 0), other=-1).to(tl.int64)
+                w_mask = (slot_new >= 0)[:, None] & d_mask[None, :]
+                blk_new = (slot_new // block_size)[:, None]
+                off_new = (slot_new % block_size)[:, None]
+                kc = k_ptr + blk_new * stride_kb + off_new * stride_ks + kvh * stride_kh + offs_d[None, :]
+                vc = v_ptr + blk_new * stride_vb + off_new * stride_vs + kvh * stride_vh + offs_d[None, :]
+                tl.store(kc, to_out(k_new, k_ptr), mask=w_mask)
+                tl.store(vc, to_out(v_new, v_ptr), mask=w_mask)
+
         o_ptrs = o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         if not SPLIT:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -304,6 +379,35 @@ def _attn_kernel(
                     BLOCK_D,
                 )
                 tl.store(o_ptrs, to_out(out, o_ptr), mask=q_mask)
+
+
+@triton.jit
+def _round(x, ptr):
+    """fp32 -> ptr's dtype -> fp32: the rounding of one torch op in that dtype."""
+    return to_out(x, ptr).to(tl.float32)
+
+
+@triton.jit
+def _norm_rope_rows(base, w_ptr, cos_base, sin_base, rows, offs_d, D, eps, dtype_ptr):
+    """RMSNorm + rotary of head vectors at base [M, 1] (+ offs_d), rounded to dtype_ptr's
+    dtype where the torch ops round (see kernels/rope.py, which does the same per token);
+    rotate_half(x)[d] = -x[d + D/2] for d < D/2, x[d - D/2] above: a second load."""
+    half = D // 2
+    d_mask = offs_d < D
+    lower = offs_d < half
+    partner = tl.where(lower, offs_d + half, offs_d - half)
+    sign = tl.where(lower, -1.0, 1.0)
+    m = rows[:, None] & d_mask[None, :]
+    x = tl.load(base + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    xp = tl.load(base + partner[None, :], mask=m, other=0.0).to(tl.float32)
+    rs = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+    w = tl.load(w_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    wp = tl.load(w_ptr + partner, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    n = _round(w * _round(x * rs, dtype_ptr), dtype_ptr)
+    n_rot = sign[None, :] * _round(wp * _round(xp * rs, dtype_ptr), dtype_ptr)
+    c = tl.load(cos_base + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    s = tl.load(sin_base + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    return _round(_round(n * c, dtype_ptr) + _round(n_rot * s, dtype_ptr), dtype_ptr)
 
 
 @triton.jit
@@ -384,6 +488,18 @@ def plan_attention(
     return AttentionPlan(block_q=block_q, block_n=64 if head_dim <= 128 else 32, num_splits=splits)
 
 
+@dataclass(frozen=True)
+class _Rope:
+    """What decode_attention fuses in front of attention (see reference.qk_norm_rope_kv)."""
+
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    eps: float
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 _OLD_LOCKS: list[torch.Tensor] = []  # replaced buffers: captured CUDA graphs may still use them
 
@@ -413,6 +529,7 @@ def _launch(
     paged: bool,
     max_query_len: int,
     plan: AttentionPlan,
+    rope: _Rope | None = None,
 ) -> None:
     t, h_q, d = query.shape
     h_kv = k.shape[-2]
@@ -453,6 +570,13 @@ def _launch(
         ws_m,
         ws_l,
         locks,
+        *(
+            (rope.q_weight, rope.k_weight, rope.cos, rope.sin, rope.slot_mapping, rope.eps)
+            if rope is not None
+            else (out, out, out, out, out, 0.0)
+        ),
+        rope.cos.stride(0) if rope is not None else 0,
+        rope.sin.stride(0) if rope is not None else 0,
         batch,
         t,
         splits,
@@ -482,6 +606,7 @@ def _launch(
         CAUSAL=causal,
         SPLIT=splits > 1,
         DOT_FP32=dot_fp32,
+        FUSE_ROPE=rope is not None,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
@@ -511,6 +636,7 @@ def paged_attention(
     max_seq_len: int | None = None,
     plan: AttentionPlan | None = None,
     out: torch.Tensor | None = None,
+    _rope: _Rope | None = None,
 ) -> torch.Tensor:
     """Triton twin of ``reference.paged_attention`` (same arguments and result, see there).
 
@@ -556,8 +682,63 @@ def paged_attention(
         True,
         max(1, max_query_len),
         plan,
+        _rope,
     )
     return out
+
+
+def decode_attention(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    *,
+    max_seq_len: int | None = None,
+    plan: AttentionPlan | None = None,
+) -> torch.Tensor:
+    """``reference.qk_norm_rope_kv`` then causal ``paged_attention`` in one kernel, for steps
+    where every sequence has at most one new token (decode): q/k RMSNorm and rotary, the new
+    K/V written to the cache, attention over the context. Arguments as those two functions'
+    (qkv ``[T, (H_q + 2 H_kv) D]``); returns ``[T, H_q, D]``."""
+    t = qkv.shape[0]
+    d = q_weight.shape[0]
+    h_kv = k_cache.shape[2]
+    if qkv.dim() != 2 or qkv.shape[1] != (num_heads + 2 * h_kv) * d or qkv.stride(1) != 1:
+        raise ValueError(
+            f"qkv must be [T, ({num_heads} + 2*{h_kv}) * {d}] with unit stride, got {list(qkv.shape)}"
+        )
+    if d % 2 or k_weight.shape != (d,) or cos.shape != (t, d) or sin.shape != (t, d):
+        raise ValueError(f"norm weights [{d}] (even) and cos/sin [{t}, {d}] expected")
+    if slot_mapping.shape != (t,):
+        raise ValueError(f"slot_mapping must be [T={t}], got {list(slot_mapping.shape)}")
+    check_triton_device(qkv, q_weight, k_weight, cos, sin, slot_mapping)
+    query = qkv[:, : num_heads * d].view(t, num_heads, d)  # row stride: qkv's
+    cos = cos if cos.stride(1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(1) == 1 else sin.contiguous()
+    rope = _Rope(q_weight.contiguous(), k_weight.contiguous(), eps, cos, sin, slot_mapping)
+    return paged_attention(
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale,
+        max_query_len=1,
+        max_seq_len=max_seq_len,
+        plan=plan,
+        _rope=rope,
+    )
 
 
 def varlen_attention(

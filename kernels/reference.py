@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # quant.py imports this module lazily; avoid a runtime cycle
 
 __all__ = [
     "add_rms_norm",
+    "decode_attention",
     "paged_attention",
     "qk_norm_rope_kv",
     "qmatmul",
@@ -197,6 +198,28 @@ def qk_norm_rope_kv(
     k = apply_rotary(rms_norm(k.view(t, h_kv, d), k_weight, eps), cos, sin)
     write_kv_cache(k, v.reshape(t, h_kv, d), k_cache, v_cache, slot_mapping)
     return q
+
+
+def decode_attention(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    num_heads: int,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`qk_norm_rope_kv` then causal :func:`paged_attention` (the Triton kernel fuses
+    them for decode steps: at most one new token per sequence)."""
+    q = qk_norm_rope_kv(qkv, q_weight, k_weight, eps, cos, sin, k_cache, v_cache, slot_mapping, num_heads)
+    return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
 
 
 def varlen_attention(

@@ -229,3 +229,80 @@ def test_argument_checks() -> None:
         attention.paged_attention(args[0][:, :3], *args[1:], 0.1)
     with pytest.raises(ValueError, match="query_start_loc"):
         attention.paged_attention(*args[:5], args[5][:1], 0.1)
+
+
+def _decode_batch(contexts, h_q, h_kv, d, dtype, seed, pad_rows=0):
+    """Decode step inputs: each sequence's context K/V in a NaN-poisoned cache (via
+    make_batch), one new token per sequence as a qkv row, padding rows with slot -1."""
+    _, k_cache, v_cache, tables, seq_lens, qsl = make_batch(
+        [(c, 1) for c in contexts], h_q, h_kv, d, dtype, seed, pad_rows=pad_rows
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    t = len(contexts) + pad_rows
+    qkv = (torch.randn(t, (h_q + 2 * h_kv) * d, generator=gen) * 2).to(dtype)
+    angles = torch.rand(t, d // 2, generator=gen) * 40
+    angles = torch.cat([angles, angles], dim=-1)
+    tab = tables.cpu().long()
+    slots = [int(tab[b, (c - 1) // BLOCK]) * BLOCK + (c - 1) % BLOCK for b, c in enumerate(contexts)]
+    k_cache, v_cache = k_cache.cpu(), v_cache.cpu()
+    for cache in (k_cache, v_cache):  # the new tokens' slots: written by the step, read by none
+        cache.view(-1, h_kv, d)[slots] = float("nan")
+    args = dict(
+        qkv=qkv,
+        q_weight=(1 + 0.2 * torch.randn(d, generator=gen)).to(dtype),
+        k_weight=(1 + 0.2 * torch.randn(d, generator=gen)).to(dtype),
+        eps=1e-6,
+        cos=angles.cos().to(dtype),
+        sin=angles.sin().to(dtype),
+        k_cache=k_cache,
+        v_cache=v_cache,
+        slot_mapping=torch.tensor(slots + [-1] * pad_rows),
+        block_tables=tables.cpu(),
+        seq_lens=seq_lens.cpu(),
+        query_start_loc=qsl.cpu(),
+        num_heads=h_q,
+        scale=d**-0.5,
+    )
+    return args
+
+
+def _on(args: dict, device: str) -> dict:
+    return {k: v.clone().to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("h_q", "h_kv", "d", "splits"), [(4, 2, 32, 1), (4, 2, 32, 3), (6, 2, 24, 2)])
+def test_decode_attention_fuses_norm_rope_and_kv_write(dtype, h_q, h_kv, d, splits) -> None:
+    contexts = [70, 1, 129, 33]  # a first token (no cached context) among them
+    args = _decode_batch(contexts, h_q, h_kv, d, dtype, seed=h_q + d + splits, pad_rows=2)
+    ref_args = _on(args, "cpu")
+    ref = reference.decode_attention(**ref_args)
+    got_args = _on(args, DEVICE)
+    plan = attention.AttentionPlan(block_q=16 // tu.next_pow2(h_q // h_kv), block_n=16, num_splits=splits)
+    y = attention.decode_attention(**got_args, plan=plan).cpu()
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) < TOL[dtype]
+    assert (y[len(contexts) :] == 0).all()  # padding rows
+    # the new tokens' K/V are in their (NaN-poisoned) slots, nothing else changed
+    slots = args["slot_mapping"][: len(contexts)]
+    for name in ("k_cache", "v_cache"):
+        got, want = got_args[name].cpu(), ref_args[name]
+        assert torch.equal(got.isnan(), want.isnan())
+        new = got.view(-1, h_kv, d)[slots]
+        assert torch.isfinite(new).all()
+        assert rel_err(new, want.view(-1, h_kv, d)[slots]) < TOL[dtype]
+        rest_got, rest_want = got.clone().view(-1, h_kv, d), want.clone().view(-1, h_kv, d)
+        rest_got[slots] = rest_want[slots] = 0
+        assert torch.equal(rest_got.nan_to_num(), rest_want.nan_to_num())
+
+
+def test_decode_attention_perturbed_rotary_or_norm_is_caught() -> None:
+    args = _decode_batch([40, 17], 4, 2, 32, torch.float32, seed=9)
+    ref = reference.decode_attention(**_on(args, "cpu"))
+    swapped = attention.decode_attention(**_on(dict(args, cos=args["sin"], sin=args["cos"]), DEVICE))
+    assert rel_err(swapped.cpu(), ref) > 1e-2
+    other_norm = _on(dict(args, k_weight=args["q_weight"]), DEVICE)
+    attention.decode_attention(**other_norm)
+    want_k = _on(args, "cpu")["k_cache"]
+    reference.decode_attention(**dict(_on(args, "cpu"), k_cache=want_k))
+    assert rel_err(other_norm["k_cache"].cpu().nan_to_num(), want_k.nan_to_num()) > 1e-4

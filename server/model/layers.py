@@ -157,7 +157,7 @@ class AttentionMetadata:
     max_seq_len: int
 
 
-def qk_norm_rope_kv(
+def attention(
     qkv: torch.Tensor,
     q_norm: RMSNorm,
     k_norm: RMSNorm,
@@ -166,44 +166,28 @@ def qk_norm_rope_kv(
     kv_cache: tuple[torch.Tensor, torch.Tensor],
     meta: AttentionMetadata,
     num_heads: int,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """From the fused qkv projection to attention's query: q/k RMSNorm, M-RoPE, and this
-    step's K/V written to the cache (one kernel on Triton). Returns q [T, H_q, D]."""
-    fused = ref.qk_norm_rope_kv
-    if use_triton(qkv, backend):
-        from kernels import rope
-
-        fused = rope.qk_norm_rope_kv
-    return fused(
-        qkv, q_norm.weight, k_norm.weight, q_norm.eps, cos, sin, *kv_cache, meta.slot_mapping, num_heads
-    )
-
-
-def paged_attention(
-    q: torch.Tensor,
-    kv_cache: tuple[torch.Tensor, torch.Tensor],
-    meta: AttentionMetadata,
     scale: float,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """The attention call-site of the decoder: attend over the whole cached context of each
-    sequence (prefill, prefill with a cached prefix, decode), this step's K/V included."""
+    """The attention call-site of the decoder, from the fused qkv projection: q/k RMSNorm,
+    M-RoPE, this step's K/V written to the cache, then attention over the whole cached
+    context of each sequence (prefill, prefill with a cached prefix, decode). On Triton a
+    decode step is one kernel, other steps two; the reference path runs the torch twins."""
     k_cache, v_cache = kv_cache
-    if use_triton(q, backend):
-        from kernels import attention
-
-        return attention.paged_attention(
-            q,
-            k_cache,
-            v_cache,
-            meta.block_tables,
-            meta.seq_lens,
-            meta.query_start_loc,
-            scale,
-            max_query_len=meta.max_query_len,
-            max_seq_len=meta.max_seq_len,
+    norms = (qkv, q_norm.weight, k_norm.weight, q_norm.eps, cos, sin, k_cache, v_cache, meta.slot_mapping)
+    if not use_triton(qkv, backend):
+        q = ref.qk_norm_rope_kv(*norms, num_heads)
+        return ref.paged_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale
         )
-    return ref.paged_attention(
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale
+    from kernels import attention as kernel
+
+    tables = (meta.block_tables, meta.seq_lens, meta.query_start_loc)
+    if meta.max_query_len == 1:
+        return kernel.decode_attention(*norms, *tables, num_heads, scale, max_seq_len=meta.max_seq_len)
+    from kernels import rope
+
+    q = rope.qk_norm_rope_kv(*norms, num_heads)
+    return kernel.paged_attention(
+        q, k_cache, v_cache, *tables, scale, max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len
     )

@@ -19,8 +19,7 @@ from .layers import (
     Linear,
     MRotaryEmbedding,
     RMSNorm,
-    paged_attention,
-    qk_norm_rope_kv,
+    attention,
     release_freed_memory,
     silu_and_mul,
 )
@@ -215,10 +214,10 @@ class DecoderLayer(nn.Module):
         residual add happens inside the next norm's kernel; returns the next (x, residual)."""
         n = x.shape[0]
         h, residual = self.input_layernorm.add(x, residual)
-        q = qk_norm_rope_kv(
-            self.qkv_proj(h), self.q_norm, self.k_norm, cos, sin, kv_cache, meta, self.num_heads, self.backend
+        qkv = self.qkv_proj(h)
+        attn = attention(
+            qkv, self.q_norm, self.k_norm, cos, sin, kv_cache, meta, self.num_heads, self.scale, self.backend
         )
-        attn = paged_attention(q, kv_cache, meta, self.scale, self.backend)
         h, residual = self.post_attention_layernorm.add(self.o_proj(attn.reshape(n, self.q_size)), residual)
         return self.down_proj(silu_and_mul(self.gate_up_proj(h), self.backend)), residual
 
