@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.rope import norm_rope_rows
 from kernels.triton_utils import INTERPRET, check_triton_device, next_pow2, num_sms, to_out
 
 import triton  # isort: skip  (kernels.triton_utils sets the interpreter default first)
@@ -236,7 +237,7 @@ def _attn_kernel(
         q_mask = row_valid[:, None] & d_mask[None, :]
         if FUSE_ROPE:
             rope_rows = tok[:, None]
-            q = _norm_rope_rows(
+            q = norm_rope_rows(
                 q_ptr + rope_rows * stride_qt + head[:, None] * stride_qh,
                 qn_w_ptr,
                 cos_ptr + rope_rows * stride_cos,
@@ -248,7 +249,7 @@ def _attn_kernel(
                 o_ptr,
             )
             kv_base = q_ptr + rope_rows * stride_qt + (HQ + kvh) * stride_qh
-            k_new = _norm_rope_rows(
+            k_new = norm_rope_rows(
                 kv_base,
                 kn_w_ptr,
                 cos_ptr + rope_rows * stride_cos,
@@ -379,35 +380,6 @@ def _attn_kernel(
                     BLOCK_D,
                 )
                 tl.store(o_ptrs, to_out(out, o_ptr), mask=q_mask)
-
-
-@triton.jit
-def _round(x, ptr):
-    """fp32 -> ptr's dtype -> fp32: the rounding of one torch op in that dtype."""
-    return to_out(x, ptr).to(tl.float32)
-
-
-@triton.jit
-def _norm_rope_rows(base, w_ptr, cos_base, sin_base, rows, offs_d, D, eps, dtype_ptr):
-    """RMSNorm + rotary of head vectors at base [M, 1] (+ offs_d), rounded to dtype_ptr's
-    dtype where the torch ops round (see kernels/rope.py, which does the same per token);
-    rotate_half(x)[d] = -x[d + D/2] for d < D/2, x[d - D/2] above: a second load."""
-    half = D // 2
-    d_mask = offs_d < D
-    lower = offs_d < half
-    partner = tl.where(lower, offs_d + half, offs_d - half)
-    sign = tl.where(lower, -1.0, 1.0)
-    m = rows[:, None] & d_mask[None, :]
-    x = tl.load(base + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-    xp = tl.load(base + partner[None, :], mask=m, other=0.0).to(tl.float32)
-    rs = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
-    w = tl.load(w_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    wp = tl.load(w_ptr + partner, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    n = _round(w * _round(x * rs, dtype_ptr), dtype_ptr)
-    n_rot = sign[None, :] * _round(wp * _round(xp * rs, dtype_ptr), dtype_ptr)
-    c = tl.load(cos_base + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-    s = tl.load(sin_base + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-    return _round(_round(n * c, dtype_ptr) + _round(n_rot * s, dtype_ptr), dtype_ptr)
 
 
 @triton.jit

@@ -3,6 +3,8 @@ per-head RMSNorm of q and k, rotary (M-RoPE: cos/sin rows per token), and the KV
 
 Unfused that is 2 norms + 10 elementwise rotary ops + the cache write: 13 kernels per layer,
 each a few kilobytes of work at decode. One program handles one token, all its heads.
+Decode steps fuse this into the attention kernel instead (attention.decode_attention, on
+``norm_rope_rows``); this kernel serves prefill steps.
 Every intermediate is rounded to the activation dtype where the torch ops round
 (RMSNorm's normed value, its product with the weight, x*cos, rot(x)*sin, their sum), so the
 result equals the twin ``reference.qk_norm_rope_kv`` but for the order of the fp32 sum in
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.triton_utils import check_triton_device, next_pow2, to_out
+from kernels.triton_utils import check_triton_device, next_pow2, round_to, to_out
 
 import triton  # isort: skip  (kernels.triton_utils sets the interpreter default first)
 import triton.language as tl  # isort: skip
@@ -23,37 +25,26 @@ __all__ = ["qk_norm_rope_kv"]
 
 
 @triton.jit
-def _round(x, ptr):
-    """fp32 -> ptr's dtype -> fp32: the rounding of one torch op in that dtype."""
-    return to_out(x, ptr).to(tl.float32)
-
-
-@triton.jit
-def _norm_rope(
-    x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, heads, eps, HALF, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr
-):
-    """RMSNorm + rotary of `heads` rows of 2*HALF values at x_ptr (row stride 2*HALF).
-    Returns (lo, hi) halves in fp32 (values of out_ptr's dtype) and their mask."""
-    h = tl.arange(0, BLOCK_H)
-    c = tl.arange(0, BLOCK_HALF)
-    mask = (h[:, None] < heads) & (c[None, :] < HALF)
-    idx = h[:, None] * (2 * HALF) + c[None, :]
-    lo = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    hi = tl.load(x_ptr + idx + HALF, mask=mask, other=0.0).to(tl.float32)
-    var = (tl.sum(lo * lo, axis=1) + tl.sum(hi * hi, axis=1)) / (2 * HALF)
-    rs = tl.rsqrt(var + eps)[:, None]
-    w_lo = tl.load(w_ptr + c, mask=c < HALF, other=0.0).to(tl.float32)[None, :]
-    w_hi = tl.load(w_ptr + HALF + c, mask=c < HALF, other=0.0).to(tl.float32)[None, :]
-    lo = _round(w_lo * _round(lo * rs, out_ptr), out_ptr)
-    hi = _round(w_hi * _round(hi * rs, out_ptr), out_ptr)
-    cos_lo = tl.load(cos_ptr + c, mask=c < HALF, other=0.0).to(tl.float32)[None, :]
-    cos_hi = tl.load(cos_ptr + HALF + c, mask=c < HALF, other=0.0).to(tl.float32)[None, :]
-    sin_lo = tl.load(sin_ptr + c, mask=c < HALF, other=0.0).to(tl.float32)[None, :]
-    sin_hi = tl.load(sin_ptr + HALF + c, mask=c < HALF, other=0.0).to(tl.float32)[None, :]
-    # x * cos + rotate_half(x) * sin, rotate_half(x) = (-hi, lo)
-    out_lo = _round(_round(lo * cos_lo, out_ptr) + _round(-hi * sin_lo, out_ptr), out_ptr)
-    out_hi = _round(_round(hi * cos_hi, out_ptr) + _round(lo * sin_hi, out_ptr), out_ptr)
-    return out_lo, out_hi, mask, idx
+def norm_rope_rows(base, w_ptr, cos_base, sin_base, rows, offs_d, D, eps, dtype_ptr):
+    """RMSNorm + rotary of head vectors of D values at base [M, 1] (+ offs_d), each op
+    rounded to dtype_ptr's dtype as torch rounds it (the attention kernel's decode path uses
+    this too). rotate_half(x)[d] = -x[d + D/2] below D/2, x[d - D/2] above: a second load."""
+    half = D // 2
+    d_mask = offs_d < D
+    lower = offs_d < half
+    partner = tl.where(lower, offs_d + half, offs_d - half)
+    sign = tl.where(lower, -1.0, 1.0)
+    m = rows[:, None] & d_mask[None, :]
+    x = tl.load(base + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    xp = tl.load(base + partner[None, :], mask=m, other=0.0).to(tl.float32)
+    rs = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+    w = tl.load(w_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    wp = tl.load(w_ptr + partner, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    n = round_to(w * round_to(x * rs, dtype_ptr), dtype_ptr)
+    n_rot = sign[None, :] * round_to(wp * round_to(xp * rs, dtype_ptr), dtype_ptr)
+    c = tl.load(cos_base + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    s = tl.load(sin_base + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    return round_to(round_to(n * c, dtype_ptr) + round_to(n_rot * s, dtype_ptr), dtype_ptr)
 
 
 @triton.jit
@@ -69,7 +60,7 @@ def _qk_norm_rope_kv_kernel(
     slot_ptr,
     HQ,
     HKV,
-    HALF,
+    D,
     eps,
     block_size,
     stride_qkv,
@@ -82,36 +73,34 @@ def _qk_norm_rope_kv_kernel(
     stride_vcs,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Token t: q -> q_out[t]; k, v -> cache slot slot_mapping[t] (skipped when negative).
     The cache rows of one slot are [H_kv, D] contiguous (unit head stride D)."""
     t = tl.program_id(0).to(tl.int64)
-    d = 2 * HALF
     row = qkv_ptr + t * stride_qkv
     cos_row = cos_ptr + t * stride_cos
     sin_row = sin_ptr + t * stride_sin
-    q_lo, q_hi, q_mask, q_idx = _norm_rope(
-        row, qw_ptr, cos_row, sin_row, q_out_ptr, HQ, eps, HALF, BLOCK_HQ, BLOCK_HALF
-    )
-    q_dst = q_out_ptr + t * stride_qo + q_idx
-    tl.store(q_dst, to_out(q_lo, q_out_ptr), mask=q_mask)
-    tl.store(q_dst + HALF, to_out(q_hi, q_out_ptr), mask=q_mask)
+    offs_d = tl.arange(0, BLOCK_D)
+    hq = tl.arange(0, BLOCK_HQ)
+    q = norm_rope_rows(row + hq[:, None] * D, qw_ptr, cos_row, sin_row, hq < HQ, offs_d, D, eps, q_out_ptr)
+    q_mask = (hq[:, None] < HQ) & (offs_d[None, :] < D)
+    q_dst = q_out_ptr + t * stride_qo + hq[:, None] * D + offs_d[None, :]
+    tl.store(q_dst, to_out(q, q_out_ptr), mask=q_mask)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
-        k_row = row + HQ * d
-        k_lo, k_hi, k_mask, k_idx = _norm_rope(
-            k_row, kw_ptr, cos_row, sin_row, q_out_ptr, HKV, eps, HALF, BLOCK_HKV, BLOCK_HALF
+        h = tl.arange(0, BLOCK_HKV)
+        kv_mask = (h[:, None] < HKV) & (offs_d[None, :] < D)
+        head = h[:, None] * D + offs_d[None, :]
+        k_row = row + HQ * D
+        k = norm_rope_rows(
+            k_row + h[:, None] * D, kw_ptr, cos_row, sin_row, h < HKV, offs_d, D, eps, q_out_ptr
         )
-        kc = k_cache_ptr + (slot // block_size) * stride_kcb + (slot % block_size) * stride_kcs + k_idx
-        tl.store(kc, to_out(k_lo, k_cache_ptr), mask=k_mask)
-        tl.store(kc + HALF, to_out(k_hi, k_cache_ptr), mask=k_mask)
-        v_row = k_row + HKV * d
-        v_lo = tl.load(v_row + k_idx, mask=k_mask, other=0.0).to(tl.float32)
-        v_hi = tl.load(v_row + k_idx + HALF, mask=k_mask, other=0.0).to(tl.float32)
-        vc = v_cache_ptr + (slot // block_size) * stride_vcb + (slot % block_size) * stride_vcs + k_idx
-        tl.store(vc, to_out(v_lo, v_cache_ptr), mask=k_mask)
-        tl.store(vc + HALF, to_out(v_hi, v_cache_ptr), mask=k_mask)
+        kc = k_cache_ptr + (slot // block_size) * stride_kcb + (slot % block_size) * stride_kcs + head
+        tl.store(kc, to_out(k, k_cache_ptr), mask=kv_mask)
+        v = tl.load(k_row + HKV * D + head, mask=kv_mask, other=0.0).to(tl.float32)
+        vc = v_cache_ptr + (slot // block_size) * stride_vcb + (slot % block_size) * stride_vcs + head
+        tl.store(vc, to_out(v, v_cache_ptr), mask=kv_mask)
 
 
 def qk_norm_rope_kv(
@@ -164,7 +153,7 @@ def qk_norm_rope_kv(
             slot_mapping,
             num_heads,
             h_kv,
-            d // 2,
+            d,
             eps,
             k_cache.shape[1],
             qkv.stride(0),
@@ -177,7 +166,7 @@ def qk_norm_rope_kv(
             v_cache.stride(1),
             BLOCK_HQ=next_pow2(num_heads),
             BLOCK_HKV=next_pow2(h_kv),
-            BLOCK_HALF=next_pow2(d // 2),
+            BLOCK_D=next_pow2(d),
             num_warps=4 if num_heads * d >= 1024 else 1,
         )
     return q

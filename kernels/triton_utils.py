@@ -33,6 +33,7 @@ __all__ = [
     "check_triton_device",
     "next_pow2",
     "num_sms",
+    "round_to",
     "to_out",
     "tuning_enabled",
 ]
@@ -61,6 +62,12 @@ def to_out(x, ptr):
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             x = bits.to(tl.float32, bitcast=True)
     return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def round_to(x, ptr):
+    """fp32 -> ptr's dtype -> fp32: the rounding one torch op in that dtype applies."""
+    return to_out(x, ptr).to(tl.float32)
 
 
 T = TypeVar("T")
