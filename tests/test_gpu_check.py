@@ -143,6 +143,13 @@ def test_every_stage_runs_and_a_failure_fails_the_run(tmp_path: Path, monkeypatc
     assert "| hangs | timeout |" in (tmp_path / "out" / "summary.md").read_text()
 
 
+def test_tests_stage_cut_off_still_writes_its_json(tmp_path: Path) -> None:
+    stage = gc.Stage("tests", _py("pass"), 20, "gpu_tests.txt")  # writes no JUnit XML
+    (result,) = gc.run_stages([stage], tmp_path)
+    assert result["status"] == "ok"
+    assert "error" in json.loads((tmp_path / "gpu_tests.json").read_text())
+
+
 def test_wheel_pins_match_the_tested_versions() -> None:
     """The GPU machine should serve with the versions CI tests; one version of each."""
     text = (REPO / "scripts" / "gpu_wheels.sh").read_text()
