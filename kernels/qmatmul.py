@@ -331,13 +331,15 @@ def _gemv_plans(bm: int, n: int, k: int, bits: int) -> list[Plan]:
     bk = min(next_pow2(k), 16384 // bits)  # 2 KB of a row per step: 2048 W8 / 4096 W4 codes
     bn = max(1, min(GEMV_TILE_CODES // bk, next_pow2(n) // _SMS))
     warps = 4 if bm <= 2 else 8  # M-fold arithmetic per weight byte: more threads share it
-    best = Plan("gemv", bm, bn, bk, 1, warps, 2)
+    # W4 tiles hold half the bytes: keep two in flight (not at M > 2: x's rows fill shared memory)
+    stages = 3 if bits == 4 and bm <= 2 else 2
+    best = Plan("gemv", bm, bn, bk, 1, warps, stages)
     few_programs = -(-n // bn) < 4 * _SMS
     return [
         best,
         replace(best, split_k=2) if few_programs else replace(best, block_n=2 * bn, num_warps=8),
         replace(best, block_n=max(1, bn // 2), block_k=2 * bk),
-        Plan("gemv", bm, 16, 1024 // bits, 1, 4, 3),  # wave 1's tile (W4: 2 groups, 16-byte loads)
+        Plan("gemv", bm, 16, 1024 // bits, 1, warps, 3),  # wave 1's tile (W4: 2 groups, 16-byte loads)
     ]
 
 

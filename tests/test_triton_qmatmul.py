@@ -108,6 +108,8 @@ def test_every_plan_matches_reference(bits: int, dtype: torch.dtype, m: int) -> 
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     bias = torch.randn(n, generator=gen).to(dtype).to(DEVICE) if m % 2 else None
     plans = forced_plans(m) + candidates(m, n, k, qw.group_size)[:1]
+    if m <= GEMV_MAX_M:  # the GPU's decode plans (the interpreter's first candidate is its own)
+        plans += qmatmul_module._gemv_plans(m_bucket(m), n, k, bits)
     for plan in plans:
         out = poisoned((m, n), dtype)
         y = triton_qmatmul(x, qw, bias=bias, plan=plan, out=out)
