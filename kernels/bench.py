@@ -106,7 +106,7 @@ def bench_qmatmul(bits_list: list[int], shapes, ms_list: list[int], rep_ms: int,
                     torch_ms[(name, m)] = _time(lambda x=x, nw=next_w: F.linear(x, nw()), rep_ms)
                 ms = _time(lambda x=x, nq=next_qw: triton_qmatmul(x, nq()), rep_ms)
                 key = next((kk for kk in tuner.best if kk[:5] == (bits, n, k, 128, m_bucket(m))), None)
-                plan = tuner.best[key] if key is not None else candidates(m, n, k, 128)[0]
+                plan = tuner.best[key] if key is not None else candidates(m, n, k, 128, bits)[0]
                 moved = probe.nbytes + m * k * 2 + m * n * 2
                 t_ms = torch_ms[(name, m)]
                 row = dict(

@@ -6,9 +6,10 @@ accumulation is always fp32. Three ways to compute it, picked per (shape, M buck
 
 - ``gemv``: M <= 8 (decode). CUDA-core dot products; each program streams BLOCK_N rows of W
   once for all M rows of x. Decode is weight-bandwidth bound, so the only goal is to keep
-  enough bytes in flight: many small programs, the K loop software-pipelined through shared
-  memory (``tl.range(num_stages=...)``: cp.async), optional split-K (fp32 atomics).
-- ``gemm``: tl.dot tiles with grouped ordering; a K step never straddles two groups (BLOCK_K
+  enough bytes in flight: a K step spans many groups (a vector of scales per row per step),
+  loaded with 16-byte cp.async copies and software-pipelined through shared memory
+  (``tl.range(num_stages=...)``); optional split-K (fp32 atomics). See ``_gemv_plans``.
+- ``gemm``: tl.dot tiles with grouped ordering; a K step stays inside one group (BLOCK_K
   divides G). Small M tiles: codes are converted to the activation dtype exactly (|code| <= 128
   fits fp16/bf16) and the group scale multiplies each step's [BM, BN] partial product. Large M
   tiles (BM >= BK, bf16): the [BN, BK] weights are scaled before the dot instead (fewer products,
@@ -26,8 +27,8 @@ Autotuning: :func:`candidates` lists a few curated plans per M bucket, best gues
 timing) and caches the winner in memory. Under TRITON_INTERPRET=1 the first candidate runs (an
 interpreter-only wide tile: the interpreter pays per operation, not per byte). Warm every M
 bucket up before CUDA-graph capture: inside a capture nothing is timed and the first candidate
-runs. All candidates compile for sm_90 without register spills (checked offline with Triton's
-own ptxas: bf16/fp16; the fp32 test path spills, which only costs speed).
+runs. Every candidate at the real shapes compiles for sm_90 in bf16 and fp16 without register
+spills (``python -m kernels.build_check``, in CI; the fp32 test path is not checked).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
     "Plan",
     "candidates",
     "clear_buffers",
+    "launch_spec",
     "qmatmul",
     "reserve_dequant_buffer",
     "run_plan",
@@ -97,7 +99,12 @@ def _load_codes(
     return codes
 
 
-@triton.jit
+# Per-request integers (M, and the K-loop bounds that follow a plan) are not specialized: a new
+# M would otherwise compile a new binary mid-traffic (M = 1, or divisible by 16, are keys).
+_PER_CALL_INTS = ["M", "n_iters", "per_split"]
+
+
+@triton.jit(do_not_specialize=_PER_CALL_INTS)
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -121,14 +128,18 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     """Small M: program (n-block, k-split) computes y[:, n-block] over K steps
-    [pid_k * per_split, min(n_iters, (pid_k + 1) * per_split))."""
+    [pid_k * per_split, min(n_iters, (pid_k + 1) * per_split)). A K step may span several
+    groups: it is BLOCK_K // GROUP_K sub-blocks of GROUP_K columns, each inside one group, so
+    a step reads one vector of scales per row."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_K // GROUP_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
     it_start = pid_k * per_split
@@ -137,28 +148,29 @@ def _gemv_kernel(
     # BLOCK_M == 1 (decode): elementwise accumulation in the weight tile's own (vectorized)
     # layout, one reduction after the loop. BLOCK_M > 1: one K-reduction per row per step, still
     # in that layout (a 3-D [M, N, K] product would force a shared-memory layout change per step).
-    acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BLOCK_K // GROUP_K, GROUP_K], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for it in tl.range(it_start, it_end, num_stages=NUM_STAGES):
         k0 = it * BLOCK_K
         w = _load_codes(w_ptr, offs_n, k0, N, K, stride_wn, BITS, BLOCK_K, EVEN_K).to(tl.float32)
-        # BLOCK_K divides G (or W is one group per row): one scale per row for this step.
-        s = tl.load(s_ptr + offs_n * stride_sn + k0 // G, mask=n_mask, other=0.0).to(tl.float32)
-        w = w * s[:, None]
+        sub_k = k0 + offs_j * GROUP_K  # first column of each sub-block
+        s_mask = n_mask[:, None] & (sub_k < K)[None, :]
+        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + (sub_k // G)[None, :], mask=s_mask, other=0.0)
+        w3 = tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K)) * s.to(tl.float32)[:, :, None]
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         if BLOCK_M == 1:
             # bf16 is loaded and widened at once (the interpreter cannot do bf16 arithmetic).
             x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            acc2 += w * x[None, :]
+            acc3 += w3 * tl.reshape(x, (1, BLOCK_K // GROUP_K, GROUP_K))
         else:
             for mm in tl.static_range(BLOCK_M):
                 row = tl.minimum(M - 1, mm)  # rows past M re-read row M-1; never stored
-                x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask, other=0.0)
-                part = tl.sum(w * x.to(tl.float32)[None, :], axis=1)
+                x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                part = tl.sum(tl.sum(w3 * tl.reshape(x, (1, BLOCK_K // GROUP_K, GROUP_K)), axis=2), axis=1)
                 acc += tl.where(offs_m[:, None] == mm, part[None, :], 0.0)
     if BLOCK_M == 1:
-        acc += tl.sum(acc2, axis=1)[None, :]
+        acc += tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
 
     if HAS_BIAS:  # only the first K split adds the bias
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -171,7 +183,7 @@ def _gemv_kernel(
         tl.atomic_add(y_ptrs, acc, mask=y_mask)  # fp32 workspace
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL_INTS)
 def _gemm_kernel(
     x_ptr,
     w_ptr,
@@ -305,14 +317,31 @@ class Plan:
         return 1 if self.split_k == 1 else 3
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) per BLOCK_M; best guess first. Register
-# budget: BLOCK_M * BLOCK_N * BLOCK_K / (32 * num_warps) fp32 products per thread per step.
-_GEMV_CONFIGS: dict[int, list[tuple[int, int, int, int, int]]] = {
-    1: [(16, 128, 4, 3, 1), (32, 128, 4, 3, 1), (8, 128, 4, 3, 1), (64, 128, 8, 3, 1), (16, 128, 4, 3, 2)],
-    2: [(16, 128, 4, 3, 1), (8, 128, 4, 3, 1), (32, 128, 4, 3, 1), (16, 128, 4, 3, 2)],
-    4: [(8, 128, 4, 3, 1), (16, 128, 8, 3, 1), (4, 128, 4, 3, 1), (8, 128, 4, 3, 2)],
-    8: [(8, 128, 8, 3, 1), (4, 128, 4, 3, 1), (8, 64, 4, 3, 1)],
-}
+# GEMV (decode): weight-bandwidth bound, so a plan is judged by the bytes it keeps in flight
+# per SM (Little's law: ~4.3 TB/s x ~0.7 us of DRAM latency / 132 SMs ~ 23 KB per SM on an
+# H200; docs/BENCHMARKS.md has the per-shape table). A K step reads 2 KB of each of its rows
+# (16 to 32 groups, 16-byte loads), and a program holds at most GEMV_TILE_CODES codes per step
+# (64 per thread at 4 warps: registers), so small-N layers still launch 4+ programs per SM.
+GEMV_TILE_CODES = 8192
+_SMS = 132  # H200 / H100 SXM; only shapes the plan, never its validity
+
+
+def _gemv_plans(bm: int, n: int, k: int, bits: int) -> list[Plan]:
+    """Decode plans, best guess first: the rule's plan, then alternatives for the tuner."""
+    bk = min(next_pow2(k), 16384 // bits)  # 2 KB of a row per step: 2048 W8 / 4096 W4 codes
+    bn = max(1, min(GEMV_TILE_CODES // bk, next_pow2(n) // _SMS))
+    warps = 4 if bm <= 2 else 8  # M-fold arithmetic per weight byte: more threads share it
+    # W4 tiles hold half the bytes: keep two in flight (not at M > 2: x's rows fill shared memory)
+    stages = 3 if bits == 4 and bm <= 2 else 2
+    best = Plan("gemv", bm, bn, bk, 1, warps, stages)
+    few_programs = -(-n // bn) < 4 * _SMS
+    plans = [best, replace(best, split_k=2) if few_programs else replace(best, block_n=2 * bn, num_warps=8)]
+    if bm <= 2:  # (at M = 8, a W4 step of 8192 codes spilled under triton 3.6: kernels.build_check)
+        plans.append(replace(best, block_n=max(1, bn // 2), block_k=2 * bk))
+    plans.append(Plan("gemv", bm, 16, 1024 // bits, 1, warps, 3))  # wave 1's tile (W4: 16-byte loads)
+    return plans
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) per M bucket (next pow2, capped).
 _GEMM_CONFIGS: dict[int, list[tuple[int, int, int, int, int, int]]] = {
     16: [
@@ -325,7 +354,8 @@ _GEMM_CONFIGS: dict[int, list[tuple[int, int, int, int, int, int]]] = {
     32: [(32, 32, 128, 4, 4, 1), (32, 64, 128, 4, 4, 1), (32, 64, 64, 4, 4, 2), (32, 128, 64, 4, 4, 1)],
     64: [(64, 64, 128, 4, 4, 1), (64, 64, 64, 4, 4, 1), (64, 128, 64, 4, 4, 1), (32, 64, 128, 4, 4, 1)],
     128: [(64, 128, 64, 4, 4, 1), (128, 64, 64, 8, 3, 1), (64, 64, 128, 4, 4, 1), (128, 128, 64, 8, 3, 1)],
-    256: [(128, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1), (64, 256, 64, 8, 3, 1), (128, 128, 128, 8, 3, 1)],
+    # (128, 256, 64) and (128, 128, 128) spilled registers for fp16 on sm_90 (kernels.build_check)
+    256: [(128, 128, 64, 8, 3, 1), (64, 256, 64, 8, 3, 1)],
 }
 GEMV_MAX_M = 8
 DEQUANT_MIN_M = 256  # the cuBLAS path is a candidate from here on
@@ -338,17 +368,16 @@ def m_bucket(m: int) -> int:
 
 
 def _fit(plan: Plan, m: int, n: int, k: int, g: int) -> Plan | None:
-    """Adapt a plan's tiles to a weight; None if it cannot run it (BLOCK_K must divide G)."""
+    """Adapt a plan's tiles to a weight; None if it cannot run it (a gemm K step must lie in
+    one group; a gemv step may span several whole groups)."""
     if plan.kind == "dequant":
         bk = min(plan.block_k, next_pow2(k))
         return replace(plan, block_k=max(bk, 16), block_n=min(plan.block_n, max(16, next_pow2(n))))
     if plan.kind == "gemv" and m > GEMV_MAX_M:
         return None  # one K-reduction per row per step: only meant for decode-sized M
-    bk = plan.block_k
-    if k // g > 1:  # several groups per row: a K step must stay inside one group
+    bk = min(plan.block_k, max(16, next_pow2(k)))
+    if plan.kind == "gemm" and k // g > 1:  # several groups per row: a K step stays in one
         bk = min(bk, g & -g)  # largest power of two dividing G
-    else:
-        bk = min(bk, max(16, next_pow2(k)))
     if bk < 16:
         return None
     min_n = 16 if plan.kind == "gemm" else 1
@@ -359,13 +388,18 @@ def _fit(plan: Plan, m: int, n: int, k: int, g: int) -> Plan | None:
     return replace(plan, block_m=bm, block_n=bn, block_k=bk, split_k=split)
 
 
-def candidates(m: int, n: int, k: int, g: int) -> list[Plan]:
+def _group_k(block_k: int, k: int, g: int) -> int:
+    """Columns of a gemv K step that share one scale: whole step for a one-group row, else the
+    largest power of two dividing G (sub-blocks then never straddle two groups)."""
+    return block_k if k // g <= 1 else min(block_k, g & -g)
+
+
+def candidates(m: int, n: int, k: int, g: int, bits: int = 8) -> list[Plan]:
     """Curated plans for this shape, best guess first (that one runs when nothing is timed)."""
     raw: list[Plan] = []
     bucket = m_bucket(m)
     if m <= GEMV_MAX_M:
-        for bn, bk, w, st, sk in _GEMV_CONFIGS[bucket]:
-            raw.append(Plan("gemv", bucket, bn, bk, sk, w, st))
+        raw.extend(_gemv_plans(bucket, n, k, bits))
     if m > 4:
         for bm, bn, bk, w, st, sk in _GEMM_CONFIGS[min(max(bucket, 16), 256)]:
             raw.append(Plan("gemm", bm, bn, bk, sk, w, st))
@@ -425,10 +459,20 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor | None
     """``W [N, K]`` in ``dtype`` via the Triton dequant kernel (into ``out`` if given)."""
     n, k = qw.out_features, qw.in_features
     w = out if out is not None else torch.empty((n, k), dtype=dtype, device=qw.device)
+    kernel, grid, args, kwargs = dequant_spec(qw, w)
+    kernel[grid](*args, **kwargs)
+    return w
+
+
+def dequant_spec(
+    qw: QuantizedWeight, w: torch.Tensor
+) -> tuple[triton.JITFunction, tuple[int, ...], tuple, dict]:
+    """(kernel, grid, args, keyword args) that dequantize ``qw`` into ``w [N, K]``."""
+    n, k = qw.out_features, qw.in_features
     p = _fit(_DEQUANT_PLAN, 1, n, k, qw.group_size)
     assert p is not None
     grid = (triton.cdiv(n, p.block_n), triton.cdiv(k, p.block_k))
-    _dequant_kernel[grid](
+    args = (
         qw.qweight,
         qw.scales,
         w,
@@ -438,13 +482,11 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor | None
         qw.qweight.stride(0),
         qw.scales.stride(0),
         w.stride(0),
-        BITS=qw.bits,
-        EVEN_K=k % p.block_k == 0,
-        BLOCK_N=p.block_n,
-        BLOCK_K=p.block_k,
-        num_warps=p.num_warps,
     )
-    return w
+    kwargs = dict(
+        BITS=qw.bits, EVEN_K=k % p.block_k == 0, BLOCK_N=p.block_n, BLOCK_K=p.block_k, num_warps=p.num_warps
+    )
+    return _dequant_kernel, grid, args, kwargs
 
 
 def _cold_copies(qw: QuantizedWeight) -> list[QuantizedWeight]:
@@ -461,36 +503,16 @@ def _cold_copies(qw: QuantizedWeight) -> list[QuantizedWeight]:
     ]
 
 
-def run_plan(
-    plan: Plan,
-    x2: torch.Tensor,
-    qw: QuantizedWeight,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Launch one plan on ``x2 [M, K]`` (K-contiguous rows); returns ``[M, N]`` in x2's dtype,
-    written into ``out`` (contiguous ``[M, N]``) when given."""
+def launch_spec(
+    plan: Plan, x2: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, y: torch.Tensor
+) -> tuple[triton.JITFunction, tuple[int, ...], tuple, dict]:
+    """(kernel, grid, args, keyword args) of a gemv/gemm plan writing ``y`` (fp32 for split-K).
+    The one place that maps a plan to a launch: run_plan launches it, kernels.build_check
+    compiles it ahead of time for sm_90 (with meta tensors)."""
     m, k = x2.shape
     n, g = qw.out_features, qw.group_size
-    if out is not None and (out.shape != (m, n) or out.dtype != x2.dtype or out.stride(-1) != 1):
-        raise ValueError(
-            f"out must be {x2.dtype} [{m}, {n}] with unit last stride, got {out.dtype} {list(out.shape)}"
-        )
-    if plan.kind == "dequant":
-        w = dequantize(qw, x2.dtype, _dequant_buffer(n * k, x2.dtype, x2.device).view(n, k))
-        if out is None:
-            return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
-        if bias is None:
-            return torch.mm(x2, w.t(), out=out)
-        return torch.addmm(bias.to(x2.dtype), x2, w.t(), out=out)
-
-    split = plan.split_k > 1
     n_iters = -(-k // plan.block_k)
-    if split:
-        y = torch.zeros((m, n), dtype=torch.float32, device=x2.device)
-    else:
-        y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    common = dict(
+    kwargs = dict(
         BITS=qw.bits,
         HAS_BIAS=bias is not None,
         SPLIT_K=plan.split_k,
@@ -520,15 +542,48 @@ def run_plan(
     )
     if plan.kind == "gemv":
         grid = (triton.cdiv(n, plan.block_n), plan.split_k)
-        _gemv_kernel[grid](*args, NUM_STAGES=plan.num_stages, **common)
-    elif plan.kind == "gemm":
+        kwargs.update(NUM_STAGES=plan.num_stages, GROUP_K=_group_k(plan.block_k, k, g))
+        return _gemv_kernel, grid, args, kwargs
+    if plan.kind == "gemm":
         grid = (triton.cdiv(m, plan.block_m) * triton.cdiv(n, plan.block_n), plan.split_k)
         dot_fp32 = x2.dtype == torch.float32 or (INTERPRET and x2.dtype == torch.bfloat16)
         # Pre-scaled weights only for bf16 (fp16 would lose tiny scaled weights to subnormals).
         prescale = x2.dtype == torch.bfloat16 and plan.block_m >= plan.block_k
-        _gemm_kernel[grid](*args, DOT_FP32=dot_fp32, PRESCALE=prescale, GROUP_M=plan.group_m, **common)
+        kwargs.update(DOT_FP32=dot_fp32, PRESCALE=prescale, GROUP_M=plan.group_m)
+        return _gemm_kernel, grid, args, kwargs
+    raise ValueError(f"unknown plan kind {plan.kind!r}")
+
+
+def run_plan(
+    plan: Plan,
+    x2: torch.Tensor,
+    qw: QuantizedWeight,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch one plan on ``x2 [M, K]`` (K-contiguous rows); returns ``[M, N]`` in x2's dtype,
+    written into ``out`` (contiguous ``[M, N]``) when given."""
+    m, k = x2.shape
+    n = qw.out_features
+    if out is not None and (out.shape != (m, n) or out.dtype != x2.dtype or out.stride(-1) != 1):
+        raise ValueError(
+            f"out must be {x2.dtype} [{m}, {n}] with unit last stride, got {out.dtype} {list(out.shape)}"
+        )
+    if plan.kind == "dequant":
+        w = dequantize(qw, x2.dtype, _dequant_buffer(n * k, x2.dtype, x2.device).view(n, k))
+        if out is None:
+            return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+        if bias is None:
+            return torch.mm(x2, w.t(), out=out)
+        return torch.addmm(bias.to(x2.dtype), x2, w.t(), out=out)
+
+    split = plan.split_k > 1
+    if split:
+        y = torch.zeros((m, n), dtype=torch.float32, device=x2.device)
     else:
-        raise ValueError(f"unknown plan kind {plan.kind!r}")
+        y = out if out is not None else torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    kernel, grid, args, kwargs = launch_spec(plan, x2, qw, bias, y)
+    kernel[grid](*args, **kwargs)
     if not split:
         return y
     if out is None:
@@ -572,7 +627,7 @@ def qmatmul(
         key = (qw.bits, n, k, qw.group_size, m_bucket(m), x.dtype, bias is not None, x.device)
         plan = tuner.best.get(key) or _untuned.get(key)  # type: ignore[assignment]
         if plan is None:
-            cands = candidates(m, n, k, qw.group_size)
+            cands = candidates(m, n, k, qw.group_size, qw.bits)
             if not tuning_enabled(x.device):
                 plan = _untuned[key] = cands[0]
             elif torch.cuda.is_current_stream_capturing():
@@ -593,3 +648,31 @@ def qmatmul(
         plan = fitted
     y = run_plan(plan, x2, qw, bias, out2)
     return out if out is not None else y.reshape(*x.shape[:-1], n)
+
+
+def aot_launches(dims, dtype: torch.dtype):  # (kernels.build_check.ModelDims, dtype) -> Launch
+    """Every launch the dispatcher can make at the model's decoder shapes (W8 and W4, every M
+    bucket, every candidate plan), on meta tensors: what kernels.build_check compiles."""
+    from kernels.build_check import Launch
+
+    meta = torch.device("meta")
+    g = dims.group_size
+    for name, n, k in dims.decoder_linears():
+        for bits in (8, 4):
+            codes = torch.empty((n, k), dtype=torch.int8, device=meta)
+            if bits == 4:
+                codes = torch.empty((n, k // 2), dtype=torch.uint8, device=meta)
+            scales = torch.empty((n, k // g), dtype=torch.float32, device=meta)
+            qw = QuantizedWeight(bits, g, n, k, codes, scales)
+            for m in (2**i for i in range(m_bucket(1 << 30).bit_length())):
+                x2 = torch.empty((m, k), dtype=dtype, device=meta)
+                for i, plan in enumerate(candidates(m, n, k, g, bits)):
+                    label = f"{name} {n}x{k} W{bits} M{m} #{i} {plan}"  # #0: the untuned choice
+                    if plan.kind == "dequant":
+                        w = torch.empty((n, k), dtype=dtype, device=meta)
+                        kernel, _, args, kwargs = dequant_spec(qw, w)
+                    else:
+                        y_dtype = torch.float32 if plan.split_k > 1 else dtype
+                        y = torch.empty((m, n), dtype=y_dtype, device=meta)
+                        kernel, _, args, kwargs = launch_spec(plan, x2, qw, None, y)
+                    yield Launch(label, kernel, args, kwargs)

@@ -115,9 +115,15 @@ def bench_ms(fn: Callable[[], object], rep_ms: int = 20, cuda_graph: bool = True
     overhead; falls back to ``triton.testing.do_bench`` if ``fn`` cannot be captured."""
     if cuda_graph:
         try:
-            # capture needs a side stream; a new stream is blocking, so it waits for prior work
-            with torch.cuda.stream(torch.cuda.Stream()):
-                return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+            # Capture needs a side stream, and that stream must wait for the work already queued on
+            # the caller's (a new stream only syncs with the legacy default stream): else a tuning
+            # launch could overwrite a scratch buffer (qmatmul's dequant) a queued matmul still reads.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                ms = float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+            torch.cuda.current_stream().wait_stream(side)  # and later work waits for the timing's
+            return ms
         except Exception:  # capture failed (e.g. a path that syncs): eager timing still ranks
             torch.cuda.synchronize()
     return float(triton.testing.do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median"))

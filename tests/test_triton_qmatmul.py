@@ -13,6 +13,7 @@ TRITON_INTERPRET=1 before running pytest.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -82,7 +83,11 @@ def check(
 def forced_plans(m: int) -> list[Plan]:
     """Every kernel and launch variant for this M (gemv only runs M <= 8), most of which the
     dispatcher would not pick for these shapes."""
-    gemv = [Plan("gemv", block_n=16, block_k=128), Plan("gemv", block_n=8, block_k=64, split_k=2)]
+    gemv = [
+        Plan("gemv", block_n=16, block_k=128),
+        Plan("gemv", block_n=8, block_k=64, split_k=2),
+        Plan("gemv", block_n=4, block_k=512),  # a K step spanning several groups (and past K)
+    ]
     return [
         *(gemv if m <= GEMV_MAX_M else []),
         Plan("gemm", block_m=16, block_n=32, block_k=128),
@@ -103,6 +108,8 @@ def test_every_plan_matches_reference(bits: int, dtype: torch.dtype, m: int) -> 
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     bias = torch.randn(n, generator=gen).to(dtype).to(DEVICE) if m % 2 else None
     plans = forced_plans(m) + candidates(m, n, k, qw.group_size)[:1]
+    if m <= GEMV_MAX_M:  # the GPU's decode plans (the interpreter's first candidate is its own)
+        plans += qmatmul_module._gemv_plans(m_bucket(m), n, k, bits)
     for plan in plans:
         out = poisoned((m, n), dtype)
         y = triton_qmatmul(x, qw, bias=bias, plan=plan, out=out)
@@ -189,10 +196,13 @@ def test_candidates_are_valid(interpret: bool, monkeypatch: pytest.MonkeyPatch) 
             assert first == want, (m, first)
             for p in cands:
                 if p.kind != "dequant":
-                    assert p.block_k >= 16 and (k // g == 1 or g % p.block_k == 0), p
-                    assert 1 <= p.split_k <= math.ceil(k / p.block_k)
-                if p.kind == "gemv":
+                    assert p.block_k >= 16 and 1 <= p.split_k <= math.ceil(k / p.block_k), p
+                if p.kind == "gemv":  # a K step is whole sub-blocks, each inside one group
+                    gk = qmatmul_module._group_k(p.block_k, k, g)
+                    assert p.block_k % gk == 0 and (k // g == 1 or g % gk == 0), p
                     assert p.block_m == m_bucket(m) and m <= 8
+                if p.kind == "gemm":  # a K step inside one group
+                    assert k // g == 1 or g % p.block_k == 0, p
                 if p.kind == "gemm":
                     assert min(p.block_m, p.block_n, p.block_k) >= 16
     assert len(candidates(16, 4096, 2048, 128)) > 1  # something to tune on a GPU
@@ -223,3 +233,30 @@ def test_plan_tuner_picks_fastest_and_caches(monkeypatch: pytest.MonkeyPatch) ->
     assert tuner.choose("k", ["a", "b", "c"], launch, dev) == "b" and len(calls) == n_calls  # cached
     with pytest.raises(RuntimeError, match="no candidate"):
         tuner.choose("k2", ["boom", "boom"], launch, dev)
+
+
+def test_timing_stream_waits_for_queued_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tuner times on a side stream. It must wait for the caller's queued work first (a queued
+    # cuBLAS call may still read the dequant scratch buffer the timed launches overwrite), and the
+    # caller's stream must wait for the timing launches after.
+    events: list[str] = []
+
+    class FakeStream:
+        def __init__(self, name: str = "side") -> None:
+            self.name = name
+
+        def wait_stream(self, other: FakeStream) -> None:
+            events.append(f"{self.name} waits {other.name}")
+
+    caller = FakeStream("caller")
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: caller)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+    def fake_bench(fn, rep, return_mode):
+        events.append("timed")
+        return 2.5
+
+    monkeypatch.setattr(tu.triton.testing, "do_bench_cudagraph", fake_bench)
+    assert tu.bench_ms(lambda: None) == 2.5
+    assert events == ["side waits caller", "timed", "caller waits side"]
