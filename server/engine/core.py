@@ -130,6 +130,7 @@ class EngineCore:
         per_block = kv_bytes_per_block(model, args.block_size)
         log.info(kv_pool_summary(num_blocks, args.block_size, per_block, model.dtype, self.max_model_len))
         self.runner = ModelRunner(model, num_blocks, args.block_size, args.encoder_cache_bytes)
+        self.runner.reserve_block_table(args.max_num_seqs, self.max_model_len)
         grid = self.largest_image_grid
         self.runner.max_encode_patches = grid[0] * grid[1] * grid[2]  # never above the profiled peak
         if model.device.type == "cuda":
