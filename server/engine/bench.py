@@ -267,16 +267,21 @@ class OverheadRow:
 
 
 def _stub_forward(model: Qwen3VL) -> None:
-    """The decoder forward and the LM head return zeros at once: what remains of a step is
-    host work (on CPU also the sampler's small tensor ops)."""
-    hidden = torch.zeros(1, model.cfg.text.hidden_size, dtype=model.dtype, device=model.device)
-    logits = torch.zeros(1, model.cfg.text.vocab_size, device=model.device)
+    """The decoder forward and the LM head return zeros at once (contiguous, as the real
+    ones): what remains of a step is host work (on CPU also the sampler's small tensor ops)."""
+    text = model.cfg.text
+    bufs = {
+        "hidden": torch.zeros(0, text.hidden_size, dtype=model.dtype),
+        "logits": torch.zeros(0, text.vocab_size),
+    }
 
-    def forward(ids: torch.Tensor, *_: object, **__: object) -> torch.Tensor:
-        return hidden.expand(ids.shape[0], -1)
+    def rows(name: str, n: int) -> torch.Tensor:
+        if bufs[name].shape[0] < n:
+            bufs[name] = bufs[name].new_zeros(n, bufs[name].shape[1])
+        return bufs[name][:n]
 
-    model.forward = forward  # type: ignore[method-assign]
-    model.compute_logits = lambda h: logits.expand(h.shape[0], -1)  # type: ignore[method-assign]
+    model.forward = lambda ids, *_, **__: rows("hidden", ids.shape[0])  # type: ignore[method-assign]
+    model.compute_logits = lambda h: rows("logits", h.shape[0])  # type: ignore[method-assign]
 
 
 def _fake_running(core: EngineCore, batch: int, context: int, max_tokens: int) -> None:
@@ -312,6 +317,10 @@ def overhead(
 
     net = load_model(model, device=torch.device("cpu")).model
     _stub_forward(net)
+    # The few small tensor ops left are not worth two threads; on a shared machine the
+    # second thread's wake-ups would be most of what is timed.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     rows = []
     for context in contexts:
         for batch in batches:
@@ -335,6 +344,7 @@ def overhead(
             ms = 1e3 * (time.perf_counter() - t) / steps
             rows.append(OverheadRow(batch, context, steps, round(ms, 3)))
             del core
+    torch.set_num_threads(threads)
     return rows
 
 
@@ -461,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
 def _overhead_main(a: argparse.Namespace) -> None:
     batches = [int(x) for x in a.batches.split(",")]
     contexts = [int(x) for x in a.context.split(",")]
-    rows = overhead(batches, contexts, model=a.model)
+    rows = overhead(batches, contexts, steps=a.decode_tokens, model=a.model)
     _print_overhead(rows)
     if a.json:
         with open(a.json, "w") as f:
