@@ -32,7 +32,7 @@ from .memory import (
     profile_memory,
 )
 from .runner import ChunkFault, ModelRunner, PendingTokens, SequenceData
-from .sampler import PendingSample, SamplingInput, sample_async
+from .sampler import PendingSample, SamplingInput, TokenCounts, sample_async
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, Sequence, Status
 from .structured import CompiledGrammar, GrammarCompiler, GrammarState, StructuredOutput
@@ -139,6 +139,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len
         )
+        self.token_counts = TokenCounts(cfg.text.vocab_size, model.device)  # for penalties
         self.requests: dict[str, list[Sequence]] = {}
         self.eos: dict[str, frozenset[int]] = {}
         self.last_step_tokens = 0
@@ -440,6 +441,7 @@ class EngineCore:
         return sample_async(
             logits,
             [SamplingInput(s.params, s.data, s.index, self.eos[s.request_id], s.grammar) for s in seqs],
+            self.token_counts,
         )
 
     def _samples_alone(self, logits: torch.Tensor, seq: Sequence, row: int) -> bool:
