@@ -176,3 +176,82 @@ def test_logprobs_per_row_count_and_values() -> None:
         vals, ids = ref[i].topk(k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
         assert [t for t, _ in top] == ids.tolist()
         assert all(abs(v - w) < 1e-6 for (_, v), w in zip(top, vals.tolist()))
+
+
+def _penalties_per_row(logits: torch.Tensor, rows: list[SamplingInput]) -> torch.Tensor:
+    """The plain per-row reference (the sampler's former implementation)."""
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i, r in enumerate(rows):
+        p = r.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(t for t in set(r.data.token_ids) if t < vocab), dtype=torch.long)
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and r.data.num_output_tokens:
+            out_ids = torch.tensor([t for t in r.data.output_token_ids if t < vocab], dtype=torch.long)
+            counts = torch.zeros_like(logits[i]).scatter_add_(
+                0, out_ids, torch.ones_like(out_ids, dtype=logits.dtype)
+            )
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits)
+    return logits
+
+
+def _random_penalty_rows(g: torch.Generator, n: int, vocab: int) -> list[SamplingInput]:
+    rows = []
+    for i in range(n):
+        prompt = torch.randint(0, vocab + 4, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)
+        data = SequenceData.from_prompt(prompt.tolist(), [], torch.zeros(3, len(prompt), dtype=torch.long), 0)
+        for t in torch.randint(
+            0, vocab, (int(torch.randint(0, 20, (1,), generator=g)),), generator=g
+        ).tolist():
+            data.append(t)
+        kind = i % 4  # unpenalized rows share the batch with penalized ones
+        params = SamplingParams(
+            repetition_penalty=(1.0, 1.3, 1.0, 0.8)[kind],
+            frequency_penalty=(0.0, 0.0, 0.5, 0.2)[kind],
+            presence_penalty=(0.0, 0.0, 0.3, -0.4)[kind],
+        )
+        rows.append(SamplingInput(params, data))
+    return rows
+
+
+def test_batched_penalties_equal_the_per_row_reference_bit_for_bit() -> None:
+    from server.engine.sampler import TokenCounts, apply_penalties
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 64
+    rows = _random_penalty_rows(g, 12, vocab)
+    counts = TokenCounts(vocab, torch.device("cpu"))  # kept across steps, as the engine does
+    for step in range(6):
+        logits = torch.randn(len(rows), vocab, generator=g) * 4
+        assert torch.equal(apply_penalties(logits.clone(), rows, counts), _penalties_per_row(logits, rows)), (
+            step
+        )
+        assert torch.equal(
+            apply_penalties(logits.clone(), rows), _penalties_per_row(logits, rows)
+        )  # fresh counts
+        before = counts.tokens_added
+        for r in rows:
+            r.data.append(int(torch.randint(0, vocab, (1,), generator=g)))
+        apply_penalties(logits.clone(), rows, counts)
+        assert counts.tokens_added - before == len(rows)  # one new token per row, not the history
+
+
+def test_penalized_min_tokens_batch_samples_as_row_by_row() -> None:
+    g = torch.Generator().manual_seed(1)
+    vocab = 64
+    rows = _random_penalty_rows(g, 8, vocab)
+    for i, r in enumerate(rows):
+        r.params.min_tokens = 100 if i % 2 else 0
+        r.params.temperature = 0.0  # greedy: comparable token for token
+        r.stop_token_ids = frozenset({3, 7, 200})
+    logits = torch.randn(len(rows), vocab, generator=g) * 4
+    batch = sample(logits.clone(), rows).token_ids
+    alone = [sample(logits[i : i + 1].clone(), [r]).token_ids[0] for i, r in enumerate(rows)]
+    assert batch == alone
+    masked = torch.tensor([2, 3, 7]).expand(8, -1)
+    assert all(batch[i] not in (3, 7) for i in range(1, 8, 2))
+    expected = _penalties_per_row(logits, rows)
+    expected[1::2].scatter_(1, masked[1::2][:, 1:], float("-inf"))
+    assert batch == expected.argmax(-1).tolist()  # greedy: the penalized, masked argmax

@@ -24,8 +24,13 @@ from typing import Any
 
 import torch
 
+from server.model.qwen3_vl import Qwen3VL
+
 from .core import EngineArgs, EngineCore, EngineRequest
+from .kv_cache import BlockManager, BlockSpans
+from .runner import SequenceData
 from .sampling_params import SamplingParams
+from .scheduler import Sequence, Status
 from .structured import GrammarCompiler, GrammarState, StructuredOutput, apply_bitmask, fill_bitmask
 
 # A schema the random model rarely completes in 32 tokens (a free string), so the batch
@@ -253,6 +258,109 @@ def mask_cost(batch: int, vocab: int, device: torch.device, steps: int = 20) -> 
     }
 
 
+@dataclass
+class OverheadRow:
+    batch: int
+    context: int  # tokens already in each sequence's KV cache (faked: no prefill ran)
+    steps: int
+    ms_per_step: float  # host work of one decode step, the model forward stubbed
+
+
+def _stub_forward(model: Qwen3VL) -> None:
+    """The decoder forward and the LM head return zeros at once (contiguous, as the real
+    ones): what remains of a step is host work (on CPU also the sampler's small tensor ops)."""
+    text = model.cfg.text
+    bufs = {
+        "hidden": torch.zeros(0, text.hidden_size, dtype=model.dtype),
+        "logits": torch.zeros(0, text.vocab_size),
+    }
+
+    def rows(name: str, n: int) -> torch.Tensor:
+        if bufs[name].shape[0] < n:
+            bufs[name] = bufs[name].new_zeros(n, bufs[name].shape[1])
+        return bufs[name][:n]
+
+    model.forward = lambda ids, *_, **__: rows("hidden", ids.shape[0])  # type: ignore[method-assign]
+    model.compute_logits = lambda h: rows("logits", h.shape[0])  # type: ignore[method-assign]
+
+
+def _fake_running(core: EngineCore, batch: int, context: int, max_tokens: int) -> None:
+    """`batch` running sequences of `context` computed tokens each: their KV blocks are
+    allocated, none of their prefill runs (the next step decodes their last prompt token)."""
+    bs = core.args.block_size
+    need = batch * -(-(context + max_tokens + 1) // bs)
+    # the stubbed model never reads the KV pool, so the block manager may hand out more
+    # block ids than the runner's (small) cache tensors hold
+    core.block_manager = core.scheduler.bm = BlockManager(need, bs, enable_prefix_caching=False)
+    positions = torch.arange(context).expand(3, -1)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    prompt = [11] * context
+    for i in range(batch):
+        rid = f"o{batch}x{context}-{i}"
+        seq = Sequence(rid, 0, SequenceData.from_prompt(prompt, [], positions, 0), params, BlockSpans())
+        got = core.block_manager.allocate_prompt(seq.data.token_ids, seq.spans, reserve=1)
+        assert got is not None, "the fake pool is sized for every sequence"
+        seq.block_table = got[0]
+        seq.num_computed = context - 1
+        seq.status = Status.RUNNING
+        seq.scheduled_time = time.monotonic()
+        core.scheduler.running.append(seq)
+        core.requests[rid] = [seq]
+        core.eos[rid] = frozenset()
+
+
+def overhead(
+    batches: list[int], contexts: list[int], steps: int = 20, warmup: int = 3, model: str = "demo"
+) -> list[OverheadRow]:
+    """Host ms per decode step at each (batch, context), model forward stubbed, sync steps."""
+    from server.model.loader import load_model
+
+    net = load_model(model, device=torch.device("cpu")).model
+    _stub_forward(net)
+    # The few small tensor ops left are not worth two threads; on a shared machine the
+    # second thread's wake-ups would be most of what is timed.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            args = EngineArgs(
+                model=model,
+                device="cpu",
+                max_model_len=context + steps + warmup + 16,
+                max_num_seqs=batch,
+                max_num_batched_tokens=max(2048, batch),
+                num_kv_blocks=-(-(context + steps + warmup + 16) // 16),
+                enable_prefix_caching=False,
+                async_scheduling=False,
+            )
+            core = EngineCore(args, model=net)
+            _fake_running(core, batch, context, max_tokens=steps + warmup + 8)
+            for _ in range(warmup):
+                core.step()
+            t = time.perf_counter()
+            for _ in range(steps):
+                core.step()
+            ms = 1e3 * (time.perf_counter() - t) / steps
+            rows.append(OverheadRow(batch, context, steps, round(ms, 3)))
+            del core
+    torch.set_num_threads(threads)
+    return rows
+
+
+def _print_overhead(rows: list[OverheadRow]) -> None:
+    contexts = sorted({r.context for r in rows})
+    by = {(r.batch, r.context): r.ms_per_step for r in rows}
+    print("\nhost ms per decode step (model stubbed)")
+    print(
+        "| batch | " + " | ".join(f"ctx {c}" for c in contexts) + f" | ctx {contexts[-1]} / {contexts[0]} |"
+    )
+    print("|---" * (len(contexts) + 2) + "|")
+    for b in sorted({r.batch for r in rows}):
+        cells = [by[(b, c)] for c in contexts]
+        print(f"| {b} | " + " | ".join(f"{x:.3f}" for x in cells) + f" | {cells[-1] / cells[0]:.2f}x |")
+
+
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
@@ -290,6 +398,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--structured", action="store_true", help="also the sampled decode under a JSON schema, + mask cost"
     )
+    ap.add_argument(
+        "--overhead", action="store_true", help="host ms per decode step, model stubbed (CPU; --context)"
+    )
+    ap.add_argument("--context", default="1024,32768", help="--overhead: cached tokens per sequence")
     ap.add_argument("--json", default=None)
     ap.add_argument("--count-kernels", action="store_true", help="count one decode step's kernels (CPU)")
     ap.add_argument("--batch", type=int, default=1, help="decode batch of --count-kernels")
@@ -300,6 +412,8 @@ def main(argv: list[str] | None = None) -> None:
 
         count_kernels(a.batch, a.layers)
         return
+    if a.overhead:
+        return _overhead_main(a)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batches = [int(x) for x in a.batches.split(",")]
     args = EngineArgs(
@@ -356,6 +470,26 @@ def main(argv: list[str] | None = None) -> None:
                     "startup": startup,
                     "rows": [asdict(r) for r in rows],
                     "grammar_mask": masks,
+                },
+                f,
+                indent=2,
+            )
+
+
+def _overhead_main(a: argparse.Namespace) -> None:
+    batches = [int(x) for x in a.batches.split(",")]
+    contexts = [int(x) for x in a.context.split(",")]
+    rows = overhead(batches, contexts, steps=a.decode_tokens, model=a.model)
+    _print_overhead(rows)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(
+                {
+                    "model": a.model,
+                    "device": "cpu",
+                    "card": platform.processor() or "cpu",
+                    "torch": torch.__version__,
+                    "overhead": [asdict(r) for r in rows],
                 },
                 f,
                 indent=2,

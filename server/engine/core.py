@@ -32,7 +32,7 @@ from .memory import (
     profile_memory,
 )
 from .runner import ChunkFault, ModelRunner, PendingTokens, SequenceData
-from .sampler import PendingSample, SamplingInput, sample_async
+from .sampler import PendingSample, SamplingInput, TokenCounts, sample_async
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, Sequence, Status
 from .structured import CompiledGrammar, GrammarCompiler, GrammarState, StructuredOutput
@@ -130,6 +130,7 @@ class EngineCore:
         per_block = kv_bytes_per_block(model, args.block_size)
         log.info(kv_pool_summary(num_blocks, args.block_size, per_block, model.dtype, self.max_model_len))
         self.runner = ModelRunner(model, num_blocks, args.block_size, args.encoder_cache_bytes)
+        self.runner.reserve_block_table(args.max_num_seqs, self.max_model_len)
         grid = self.largest_image_grid
         self.runner.max_encode_patches = grid[0] * grid[1] * grid[2]  # never above the profiled peak
         if model.device.type == "cuda":
@@ -138,6 +139,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len
         )
+        self.token_counts = TokenCounts(cfg.text.vocab_size, model.device)  # for penalties
         self.requests: dict[str, list[Sequence]] = {}
         self.eos: dict[str, frozenset[int]] = {}
         self.last_step_tokens = 0
@@ -439,6 +441,7 @@ class EngineCore:
         return sample_async(
             logits,
             [SamplingInput(s.params, s.data, s.index, self.eos[s.request_id], s.grammar) for s in seqs],
+            self.token_counts,
         )
 
     def _samples_alone(self, logits: torch.Tensor, seq: Sequence, row: int) -> bool:

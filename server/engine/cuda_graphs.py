@@ -6,8 +6,10 @@ to 128 and of 16 beyond, up to max_num_seqs) the decoder forward is captured onc
 graph that reads static input buffers, and a step of n decodes copies its inputs into those
 buffers and replays the smallest graph with room for n.
 
-Padding rows run a 1-token context with slot -1: the KV write skips them, attention reads one
-cached slot (any finite value) and their hidden states are dropped. The attention launch plan
+The block tables are the runner's persistent table, read in place (block_table.py): a step's
+sequences sit in its rows 0..n-1. Padding rows run a 1-token context with slot -1: the KV
+write skips them, attention reads one cached slot (any finite value) and their hidden states
+are dropped. The attention launch plan
 (context splits) is fixed per batch size at max_model_len, so one graph serves every context
 length; the qmatmul tuner has timed each batch size in the warm-up run before capture.
 
@@ -24,7 +26,8 @@ import torch
 
 from server.model.layers import AttentionMetadata
 from server.model.qwen3_vl import Qwen3VL
-from server.transfer import to_device
+
+from .block_table import BlockTable
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class DecodeGraphs:
         self,
         model: Qwen3VL,
         kv_caches: KVCaches,
+        block_table: BlockTable,
         max_num_seqs: int,
         max_model_len: int,
         block_size: int,
@@ -66,7 +70,11 @@ class DecodeGraphs:
         dev = model.device
         n = self.max_batch
         self.inputs = torch.zeros((4, n), dtype=torch.long, device=dev)
-        self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.long, device=dev)
+        # The runner's persistent block table, read in place: a step's sequences sit in its
+        # rows 0..n-1, so nothing is copied per step (it was sized and frozen for this).
+        rows, cols = block_table.shape
+        assert rows >= n and cols >= self.max_blocks, "the runner reserves the table first"
+        self.block_tables = block_table.device_table[:, : self.max_blocks]
         self.query_start_loc = torch.arange(n + 1, dtype=torch.long, device=dev)  # 1 token each
         # Two pinned staging buffers, used in turn: the copy out of one may still be queued
         # while the next step (async scheduling) fills the other.
@@ -164,21 +172,23 @@ class DecodeGraphs:
         self,
         ids: list[int],
         positions: list[int],
-        slots: list[int],
+        slots: torch.Tensor,
         seq_lens: list[int],
-        tables: list[list[int]],
         fill: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One decode step of len(ids) sequences; returns their final hidden states [n, H].
-        `fill`: (rows, token ids) already on the device that replace those rows' ids (tokens
-        the previous step sampled and the host has not seen yet).
+        """One decode step of len(ids) sequences, whose block tables are rows 0..n-1 of the
+        runner's table; returns their final hidden states [n, H]. `fill`: (rows, token ids)
+        already on the device that replace those rows' ids (tokens the previous step sampled
+        and the host has not seen yet).
 
         The result is a view of a static buffer: use it before the next call."""
         n = len(ids)
         size = self.bucket(n)
-        assert size is not None and self.can_run(n, max(map(len, tables))), "caller checks can_run"
+        assert size is not None, "caller checks can_run"
         staged = self._stage(size)
-        staged[:, :n] = torch.tensor([ids, positions, slots, seq_lens])
+        known = torch.tensor([ids, positions, seq_lens])
+        staged[self.IDS, :n], staged[self.POS, :n], staged[self.SEQ_LEN, :n] = known
+        staged[self.SLOT, :n] = slots
         self._pad(staged, n)
         self.inputs[:, :size].copy_(staged, non_blocking=True)
         if self.capture:
@@ -187,11 +197,8 @@ class DecodeGraphs:
             self._staged_events[self.replays % 2] = event
         if fill is not None:
             self.inputs[self.IDS].index_copy_(0, *fill)
-        width = max(map(len, tables))
-        rows = [t + [0] * (width - len(t)) for t in tables]
-        # Entries past `width` (and padding rows) keep earlier valid block ids; the kernels read
-        # only the blocks a row's seq_len covers.
-        self.block_tables[:n, :width].copy_(to_device(rows, self.block_tables.device, torch.long))
+        # Padding rows n..size-1 read whatever valid block ids their table rows hold (those of
+        # other or earlier sequences): a 1-token context, its result dropped.
         self.replays += 1
         if self.capture:
             self.graphs[size].replay()

@@ -18,6 +18,7 @@ from server.model.layers import AttentionMetadata
 from server.model.qwen3_vl import ImageFeatures, MultimodalEmbeds, Qwen3VL
 from server.transfer import to_device
 
+from .block_table import BlockTable
 from .cuda_graphs import DecodeGraphs
 
 
@@ -165,6 +166,8 @@ class ModelRunner:
             )
             for _ in range(t.num_hidden_layers)
         ]
+        # grown on demand; the engine sizes it for max_num_seqs x max_model_len up front
+        self.block_table = BlockTable(1, 1, model.device)
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self.vision_runs = 0  # images actually encoded (cache misses), for tests and stats
         self.decode_graphs: DecodeGraphs | None = None
@@ -172,13 +175,25 @@ class ModelRunner:
         # sets of images are encoded in groups so a step never exceeds the profiled peak.
         self.max_encode_patches: int | None = None
 
+    def reserve_block_table(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Size the persistent block table for every step the scheduler can make."""
+        self.block_table.reserve(max_num_seqs, -(-max_model_len // self.block_size))
+
     def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
         """Serve pure-decode steps from CUDA graphs (capture=False: the same static-buffer
         path run eagerly, the CPU twin). Call after the KV pool exists: graphs bake in its
-        addresses."""
+        addresses, and the block table's (which stops growing)."""
+        self.reserve_block_table(max_num_seqs, max_model_len)
         self.decode_graphs = DecodeGraphs(
-            self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size, capture
+            self.model,
+            self.kv_caches,
+            self.block_table,
+            max_num_seqs,
+            max_model_len,
+            self.block_size,
+            capture,
         )
+        self.block_table.frozen = True
         self.decode_graphs.capture_all()
 
     @torch.inference_mode()
@@ -239,65 +254,95 @@ class ModelRunner:
         mask[: end - start] = seq.image_mask(image_token_id)[start:end]
         return mask, embeds, deep
 
+    def _place(self, chunks: list[ScheduledChunk]) -> tuple[list[int], int]:
+        """Each chunk's row in the block table (rows 0..n-1, up to date) and the batch's
+        widest context in blocks."""
+        bs = self.block_size
+        widths = [-(-c.end // bs) for c in chunks]
+        rows = self.block_table.place([c.seq for c in chunks], [c.block_table for c in chunks], widths)
+        self.block_table.sync()
+        return rows, max(widths)
+
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], pending: PendingTokens | None = None) -> torch.Tensor:
         """Run one step; returns fp32 logits [num chunks wanting logits, vocab] (last token each).
 
         A chunk may end one token past its sequence's known tokens: that token is in `pending`."""
+        rows, width = self._place(chunks)
         graphs = self.decode_graphs
-        if graphs is not None and _all_decodes(chunks):
-            width = max(len(c.block_table) for c in chunks)
-            if graphs.can_run(len(chunks), width):
-                return self.model.compute_logits(self._run_decode_graph(graphs, chunks, pending))
-        hidden = self.forward(chunks, pending)
-        last, end = [], 0
-        for c in chunks:
-            end += c.end - c.start
-            if c.want_logits:
-                last.append(end - 1)
+        if graphs is not None and _all_decodes(chunks) and graphs.can_run(len(chunks), width):
+            hidden = self._run_decode_graph(graphs, chunks, rows, pending)
+            return self.model.compute_logits(_in_chunk_order(hidden, rows))
+        hidden, ends = self._forward(chunks, rows, width, pending)
+        last = [end - 1 for c, end in zip(chunks, ends) if c.want_logits]
         return self.model.compute_logits(hidden.index_select(0, to_device(last, hidden.device, torch.long)))
 
     def _run_decode_graph(
-        self, graphs: DecodeGraphs, chunks: list[ScheduledChunk], pending: PendingTokens | None
+        self,
+        graphs: DecodeGraphs,
+        chunks: list[ScheduledChunk],
+        rows: list[int],
+        pending: PendingTokens | None,
     ) -> torch.Tensor:
-        bs = self.block_size
-        ids, pos, slots, lens, tables = [], [], [], [], []
+        """Hidden states of the decodes, in row order."""
+        n = len(chunks)
+        ids, pos, lens, at = [0] * n, [0] * n, [0] * n, [0] * n
         fill = _Fill()
-        for c in chunks:
+        for c, r in zip(chunks, rows):
             p = c.start
             if p < len(c.seq.token_ids):
-                ids.append(c.seq.token_ids[p])
+                ids[r] = c.seq.token_ids[p]
             else:
-                fill.add(len(ids), c.seq, pending)
-                ids.append(0)
-            pos.append(p + c.seq.rope_delta)
-            slots.append(c.block_table[p // bs] * bs + p % bs)
-            lens.append(c.end)
-            tables.append(c.block_table)
-        return graphs.run(ids, pos, slots, lens, tables, fill.tensors(pending, self.model.device))
+                fill.add(r, c.seq, pending)
+            pos[r] = p + c.seq.rope_delta
+            at[r] = p
+            lens[r] = c.end
+        slots = self.block_table.slots(list(range(n)), at, self.block_size)
+        return graphs.run(ids, pos, slots, lens, fill.tensors(pending, self.model.device))
 
     @torch.inference_mode()
     def forward(self, chunks: list[ScheduledChunk], pending: PendingTokens | None = None) -> torch.Tensor:
-        """Run one step; returns the final hidden state of every scheduled token [T, hidden].
+        """Run one step; returns the final hidden state of every scheduled token [T, hidden],
+        in chunk order."""
+        rows, width = self._place(chunks)
+        hidden, ends = self._forward(chunks, rows, width, pending)
+        if rows == sorted(rows):
+            return hidden
+        starts = [end - (c.end - c.start) for c, end in zip(chunks, ends)]
+        order = [t for s, c in zip(starts, chunks) for t in range(s, s + c.end - c.start)]
+        return hidden.index_select(0, to_device(order, hidden.device, torch.long))
+
+    def _forward(
+        self, chunks: list[ScheduledChunk], rows: list[int], width: int, pending: PendingTokens | None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The model over the placed chunks, laid out in row order (row i's tokens are the
+        batch's i-th sequence, as the block table view has them). Returns the hidden states
+        [T, hidden] in that layout and where each chunk's tokens end in it.
 
         Per-step Python is kept to list appends and one tensor per field: at 2B a decode step
         on a GPU takes about as long as a few hundred small torch calls would."""
-        bs = self.block_size
+        n = len(chunks)
+        by_row = [0] * n
+        for index, r in enumerate(rows):
+            by_row[r] = index
         ids: list[int] = []
-        slots: list[int] = []
+        tok_rows: list[int] = []  # row and position of each token: its KV slot
+        tok_pos: list[int] = []
         q_loc, seq_lens = [0], []
+        ends = [0] * n
         pos_parts: list[torch.Tensor] = []
         text_pos: list[int] = []  # run of positions equal on all three M-RoPE axes
         mm_parts: list[tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
         fill = _Fill()
-        for index, c in enumerate(chunks):
+        for r, index in enumerate(by_row):
+            c = chunks[index]
             seq, start, end = c.seq, c.start, c.end
             ids += seq.token_ids[start:end]
             if end > len(seq.token_ids):  # the last token is still on the device
                 fill.add(len(ids), seq, pending)
                 ids.append(0)
-            table = c.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            tok_rows += [r] * (end - start)
+            tok_pos += range(start, end)
             if start >= seq.num_prompt_tokens:  # generated tokens: t = h = w = index + delta
                 text_pos += range(start + seq.rope_delta, end + seq.rope_delta)
             else:
@@ -312,15 +357,14 @@ class ModelRunner:
                 if mm is not None:
                     mm_parts.append((q_loc[-1], mm))
             q_loc.append(q_loc[-1] + end - start)
+            ends[index] = q_loc[-1]
             seq_lens.append(end)
         if text_pos:
             pos_parts.append(torch.tensor(text_pos).expand(3, -1))
         dev = self.model.device
-        width = max(len(c.block_table) for c in chunks)
-        tables = [c.block_table + [0] * (width - len(c.block_table)) for c in chunks]
         meta = AttentionMetadata(
-            slot_mapping=to_device(slots, dev, torch.long),
-            block_tables=to_device(tables, dev, torch.long),
+            slot_mapping=to_device(self.block_table.slots(tok_rows, tok_pos, self.block_size), dev),
+            block_tables=self.block_table.view(n, width),
             seq_lens=to_device(seq_lens, dev, torch.long),
             query_start_loc=to_device(q_loc, dev, torch.long),
             max_query_len=max(c.end - c.start for c in chunks),
@@ -341,12 +385,20 @@ class ModelRunner:
         filled = fill.tensors(pending, dev)
         if filled is not None:
             ids_t.index_copy_(0, *filled)
-        return self.model(ids_t, to_device(positions, dev, torch.long), self.kv_caches, meta, mm_embeds)
+        hidden = self.model(ids_t, to_device(positions, dev, torch.long), self.kv_caches, meta, mm_embeds)
+        return hidden, ends
 
 
 def _all_decodes(chunks: list[ScheduledChunk]) -> bool:
     """One generated-position token per sequence, each wanting logits: what the graphs run."""
     return all(c.end - c.start == 1 and c.start >= c.seq.num_prompt_tokens and c.want_logits for c in chunks)
+
+
+def _in_chunk_order(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Row-ordered hidden states [>= n, H] back in chunk order (chunk i sits at rows[i])."""
+    if rows == list(range(len(rows))):
+        return hidden[: len(rows)]
+    return hidden.index_select(0, to_device(rows, hidden.device, torch.long))
 
 
 def _patch_groups(images: list[ProcessedImage], max_patches: int | None) -> list[list[ProcessedImage]]:

@@ -9,6 +9,7 @@ search) whatever the batch.
 from __future__ import annotations
 
 import random
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -64,23 +65,87 @@ def _penalized(r: SamplingInput) -> bool:
     return p.repetition_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)
 
 
-def apply_penalties(logits: torch.Tensor, rows: list[SamplingInput]) -> torch.Tensor:
-    """Repetition (prompt + output), frequency and presence (output) penalties, as in vLLM."""
+class TokenCounts:
+    """Per sequence, on the device: how often each token occurs in its output and which
+    tokens its prompt holds, one row each, kept across steps. A step adds only the tokens
+    appended since the last (one per row), so penalties cost no host work that grows with
+    the sequence; the rows of a batch are one index_select away.
+
+    A row is given back when its sequence is garbage (rows are taken per SequenceData; its
+    tokens only ever grow, preemption keeps them)."""
+
+    def __init__(self, vocab: int, device: torch.device) -> None:
+        self.vocab, self.device = vocab, device
+        self.counts = torch.zeros(0, vocab, device=device)
+        self.in_prompt = torch.zeros(0, vocab, dtype=torch.bool, device=device)
+        self._rows: weakref.WeakKeyDictionary[SequenceData, list[int]] = weakref.WeakKeyDictionary()
+        self._free: list[int] = []
+        self.tokens_added = 0  # tokens scattered in (a count for tests: one per row per step)
+
+    def _take_row(self, data: SequenceData) -> list[int]:
+        if not self._free:  # double the rows (rare: the batch grew past every earlier one)
+            n = self.counts.shape[0]
+            grow = max(8, n)
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(grow, self.vocab)])
+            self.in_prompt = torch.cat([self.in_prompt, self.in_prompt.new_zeros(grow, self.vocab)])
+            self._free += range(n + grow - 1, n - 1, -1)
+        rec = [self._free.pop(), 0]  # [row, output tokens counted]
+        self._rows[data] = rec
+        weakref.finalize(data, self._free.append, rec[0])
+        return rec
+
+    def rows(self, datas: list[SequenceData]) -> torch.Tensor:
+        """The rows of these sequences, brought up to date with their tokens: long [B]."""
+        vocab = self.vocab
+        rows: list[int] = []
+        fresh: list[int] = []
+        prompt_at: list[int] = []  # flat (row, token) indices
+        output_at: list[int] = []
+        for d in datas:
+            rec = self._rows.get(d)
+            if rec is None:
+                rec = self._take_row(d)
+                fresh.append(rec[0])
+                base = rec[0] * vocab
+                prompt_at += [base + t for t in set(d.prompt_token_ids) if t < vocab]
+            row, counted = rec
+            if d.num_output_tokens > counted:
+                base = row * vocab
+                new = d.token_ids[d.num_prompt_tokens + counted :]
+                output_at += [base + t for t in new if t < vocab]
+                rec[1] = d.num_output_tokens
+            rows.append(row)
+        dev = self.device
+        if fresh:
+            idx = to_device(fresh, dev, torch.long)
+            self.counts.index_fill_(0, idx, 0.0)
+            self.in_prompt.index_fill_(0, idx, False)
+        if prompt_at:
+            self.in_prompt.view(-1).index_fill_(0, to_device(prompt_at, dev, torch.long), True)
+        if output_at:
+            at = to_device(output_at, dev, torch.long)
+            self.counts.view(-1).index_add_(0, at, torch.ones(len(output_at), device=dev))
+            self.tokens_added += len(output_at)
+        return to_device(rows, dev, torch.long)
+
+
+def apply_penalties(
+    logits: torch.Tensor, rows: list[SamplingInput], counts: TokenCounts | None = None
+) -> torch.Tensor:
+    """Repetition (prompt + output), frequency and presence (output) penalties, as in vLLM,
+    for the whole batch in a few tensor ops over its rows of `counts` (None: counted now)."""
     vocab, dev = logits.shape[-1], logits.device
-    for i, r in enumerate(rows):
-        p = r.params
-        if p.repetition_penalty != 1.0:
-            seen = to_device(sorted(t for t in set(r.data.token_ids) if t < vocab), dev, torch.long)
-            vals = logits[i, seen]
-            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if (p.frequency_penalty or p.presence_penalty) and r.data.num_output_tokens:
-            out_ids = to_device([t for t in r.data.output_token_ids if t < vocab], dev, torch.long)
-            # scatter_add, not bincount: bincount reads the largest id back to size its output
-            counts = torch.zeros_like(logits[i]).scatter_add_(
-                0, out_ids, torch.ones_like(out_ids, dtype=logits.dtype)
-            )
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits)
-    return logits
+    if counts is None or counts.vocab != vocab:
+        counts = TokenCounts(vocab, dev)
+    at = counts.rows([r.data for r in rows])
+    out_counts = counts.counts.index_select(0, at)
+    seen = counts.in_prompt.index_select(0, at) | (out_counts > 0)
+    rep = to_device([r.params.repetition_penalty for r in rows], dev, logits.dtype)[:, None]
+    freq = to_device([float(r.params.frequency_penalty) for r in rows], dev, logits.dtype)[:, None]
+    pres = to_device([float(r.params.presence_penalty) for r in rows], dev, logits.dtype)[:, None]
+    # x / 1 and x * 1 are x, and x - 0 is x: unpenalized rows come out unchanged
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - (freq * out_counts + pres * (out_counts > 0).to(logits))
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingInput]) -> None:
@@ -184,9 +249,11 @@ class PendingSample:
         return SampleResult(token_ids, out)
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingInput]) -> SampleResult:
+def sample(
+    logits: torch.Tensor, rows: list[SamplingInput], counts: TokenCounts | None = None
+) -> SampleResult:
     """logits [B, V] fp32 for the next token of each row -> chosen ids (+ logprobs)."""
-    return sample_async(logits, rows).result()
+    return sample_async(logits, rows, counts).result()
 
 
 def _filtered(p: SamplingParams) -> bool:
@@ -208,7 +275,9 @@ def _sample_rows(logits: torch.Tensor, rows: list[SamplingInput], filtered: bool
     return order.gather(1, _inverse_cdf(probs, _draws(rows))[:, None])[:, 0]
 
 
-def sample_async(logits: torch.Tensor, rows: list[SamplingInput]) -> PendingSample:
+def sample_async(
+    logits: torch.Tensor, rows: list[SamplingInput], counts: TokenCounts | None = None
+) -> PendingSample:
     """Queue the sampling of each row's next token; nothing waits for the device.
 
     Every decision that depends only on the parameters is made on the host, and host data
@@ -228,19 +297,23 @@ def sample_async(logits: torch.Tensor, rows: list[SamplingInput]) -> PendingSamp
         apply_logit_bias(logits, rows)
     if constrained:  # before penalties and filters: they then see only the allowed tokens
         apply_grammars(logits, rows)
-    if any(_penalized(r) for r in rows):
-        logits = apply_penalties(logits, rows)
-    for i, r in enumerate(rows):  # min_tokens: no stopping token before the minimum
-        # not for grammar rows: the grammar decides where the output may end (a complete
-        # grammar allows only EOS, and masking it too would leave no token at all)
-        if (
-            r.params.min_tokens
-            and r.grammar is None
-            and r.data.num_output_tokens < r.params.min_tokens
-            and r.stop_token_ids
-        ):
-            ids = to_device(sorted(t for t in r.stop_token_ids if t < vocab), dev, torch.long)
-            logits[i].index_fill_(0, ids, float("-inf"))  # not setitem: that may sync on a GPU
+    penalized = [i for i, r in enumerate(rows) if _penalized(r)]
+    if penalized:
+        at = to_device(penalized, dev, torch.long)
+        part = apply_penalties(logits.index_select(0, at), [rows[i] for i in penalized], counts)
+        logits = logits.index_copy(0, at, part)
+    # min_tokens: no stopping token before the minimum, every such row in one index_fill.
+    # Not for grammar rows: the grammar decides where the output may end (a complete
+    # grammar allows only EOS, and masking it too would leave no token at all).
+    stops = [
+        i * vocab + t
+        for i, r in enumerate(rows)
+        if r.params.min_tokens and r.grammar is None and r.data.num_output_tokens < r.params.min_tokens
+        for t in r.stop_token_ids
+        if t < vocab
+    ]
+    if stops:  # not setitem: that may sync on a GPU
+        logits.view(-1).index_fill_(0, to_device(stops, dev, torch.long), float("-inf"))
 
     chosen = logits.argmax(-1)
     # tiny temperatures overflow logits / t: those rows stay greedy
