@@ -208,11 +208,12 @@ def test_without_the_mask_the_validity_check_fails(llm, monkeypatch):
 
 
 def test_mask_apply_paths_agree():
-    """The CPU (numpy, row by row) and device (torch ops) paths set token 32w + b of each
-    constrained row to -inf iff bit b of word w is 0, cut the padding bits past the
-    vocabulary, and leave unconstrained rows alone."""
+    """The CPU (numpy, row by row, both branches) and device (torch ops) paths set token
+    32w + b of each constrained row to -inf iff bit b of word w is 0, cut the padding bits
+    past the vocabulary, and leave unconstrained rows alone."""
     vocab = 150
     mask = torch.randint(-(2**31), 2**31 - 1, (2, 5), dtype=torch.int32)
+    mask[1, 1:] = 0  # few allowed tokens: the host path's fill-and-restore branch
     logits = torch.randn(4, vocab)
     rows = [1, 3]
     host, dev = logits.clone(), logits.clone()

@@ -318,14 +318,25 @@ _NEG_INF = np.float32("-inf")
 
 
 def _apply_on_host(logits: np.ndarray, rows: list[int], mask: np.ndarray) -> None:
-    """Row by row in place: numpy's unpackbits (one pass) and a masked copy of -inf, each over
-    one row (cache-resident); ~4x faster than torch's masked_fill_ over the whole batch on
-    CPU, and no gather / scatter when only some rows are constrained."""
-    forbidden_bits = np.invert(mask.view(np.uint8))  # 1/32 of the logits' bytes
+    """Row by row in place (no gather / scatter when only some rows are constrained). A row
+    whose allowed tokens sit in few mask words (between JSON keys, say) is filled with -inf
+    at memset speed and those tokens' logits put back, found from the packed words alone;
+    any other is unpacked (cache-resident, one row) for a masked copy of -inf."""
     vocab = logits.shape[1]
     for j, r in enumerate(rows):
-        forbidden = np.unpackbits(forbidden_bits[j], count=vocab, bitorder="little").view(bool)
-        np.copyto(logits[r], _NEG_INF, where=forbidden)
+        row, packed = logits[r], mask[j]
+        words = np.flatnonzero(packed)  # the words holding an allowed token
+        if 4 * len(words) < len(packed):
+            bits = np.unpackbits(packed[words].view(np.uint8), bitorder="little").reshape(len(words), 32)
+            w, b = np.nonzero(bits)
+            allowed = words[w] * 32 + b
+            allowed = allowed[allowed < vocab]
+            kept = row[allowed]
+            row.fill(_NEG_INF)
+            row[allowed] = kept
+        else:
+            forbidden = np.unpackbits(np.invert(packed.view(np.uint8)), count=vocab, bitorder="little")
+            np.copyto(row, _NEG_INF, where=forbidden.view(bool))
 
 
 def apply_bitmask(logits: torch.Tensor, rows: list[int], mask: torch.Tensor) -> None:
