@@ -119,18 +119,31 @@ class Renderer(ABC):
     id_prefix: str
     object: str  # of the full response
     chunk_object: str
+    prompt_param: str  # what a prompt too long for the context is blamed on
 
     def __init__(self, state: ServerState, body: ChatCompletionRequest | CompletionRequest,
                  params: SamplingParams) -> None:  # fmt: skip
-        self.state, self.params = state, params
+        self.state, self.body, self.params = state, body, params
         self.rid = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         self.tok = TokenText(state)
 
-    @abstractmethod
     async def prepare(self) -> Prepared:
-        """The engine requests (checks that need the event loop's time run here)."""
+        """The engine requests, one per prompt (the checks that take the event loop's time)."""
+        await check_structured_output(self.state, self.params, self.body)
+        fit, max_param = self.prompt_param, self.max_param()
+        return [
+            (inputs, fit_to_context(self.state, self.params, len(inputs.prompt_token_ids), fit, max_param))
+            for inputs in await self.inputs()
+        ]
+
+    @abstractmethod
+    async def inputs(self) -> list[PromptInputs]: ...
+
+    def max_param(self) -> str:
+        """The field a max_tokens too large for the context is blamed on."""
+        return "max_tokens"
 
     def opening(self) -> Iterator[list[dict[str, Any]]]:
         """Chunks (each a list of choice entries) sent before the first token."""
@@ -151,29 +164,22 @@ class Renderer(ABC):
 
 class ChatRenderer(Renderer):
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+    prompt_param = "messages"
+    body: ChatCompletionRequest
 
     def __init__(self, state: ServerState, body: ChatCompletionRequest, params: SamplingParams) -> None:
         super().__init__(state, body, params)
-        self.body = body
         self.top = body.top_logprobs or 0
         # tools are offered (and the output parsed for calls) unless tool_choice is "none"
-        self.tools = (
-            [t.model_dump(exclude_none=True) for t in body.tools or []]
-            if tool_choice_mode(body) != "none"
-            else []
-        )
+        offered = tool_choice_mode(body) != "none"
+        self.tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if offered else []
         self.parsers = {i: ToolCallStream() for i in range(params.n)} if self.tools else {}
 
-    async def prepare(self) -> Prepared:
-        await check_structured_output(self.state, self.params, self.body)
-        inputs = await chat_inputs(self.state, self.body.messages, tools=self.tools or None)
-        max_param = "max_completion_tokens" if self.body.max_completion_tokens is not None else "max_tokens"
-        return [
-            (
-                inputs,
-                fit_to_context(self.state, self.params, len(inputs.prompt_token_ids), "messages", max_param),
-            )
-        ]
+    def max_param(self) -> str:
+        return "max_completion_tokens" if self.body.max_completion_tokens is not None else "max_tokens"
+
+    async def inputs(self) -> list[PromptInputs]:
+        return [await chat_inputs(self.state, self.body.messages, tools=self.tools or None)]
 
     def _logprobs(self, lps: list[Logprob]) -> dict[str, Any]:
         return chat_logprobs(self.tok, lps, self.top, self.params.skip_special_tokens)
@@ -184,14 +190,8 @@ class ChatRenderer(Renderer):
 
     def opening(self) -> Iterator[list[dict[str, Any]]]:
         for i in range(self.params.n):
-            yield [
-                {
-                    "index": i,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            ]
+            yield [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None}]  # fmt: skip
 
     def chunks(self, deltas: list[SequenceDelta]) -> Iterator[list[dict[str, Any]]]:
         """One chunk per delta piece (text, or a tool call's start / arguments)."""
@@ -219,10 +219,8 @@ class ChatRenderer(Renderer):
         content, calls = parse_tool_calls(text) if self.tools else (text, [])
         msg: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
         if calls:
-            msg["tool_calls"] = [
-                {"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}
-                for t in calls
-            ]
+            msg["tool_calls"] = [{"id": t.id, "type": "function",
+                                  "function": {"name": t.name, "arguments": t.arguments}} for t in calls]  # fmt: skip
         return {
             "index": index,
             "message": msg,
@@ -234,25 +232,21 @@ class ChatRenderer(Renderer):
 
 class CompletionRenderer(Renderer):
     id_prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+    prompt_param = "prompt"
+    body: CompletionRequest
 
     def __init__(self, state: ServerState, body: CompletionRequest, params: SamplingParams) -> None:
         super().__init__(state, body, params)
-        self.body = body
         self.top = body.logprobs or 0
         self.offsets: collections.Counter[int] = collections.Counter()  # streamed text so far per choice
         self.pieces: dict[int, TokenPieces] = {}
 
-    async def prepare(self) -> Prepared:
-        await check_structured_output(self.state, self.params, self.body)
-        return [
-            (
-                inputs,
-                fit_to_context(self.state, self.params, len(inputs.prompt_token_ids), "prompt", "max_tokens"),
-            )
-            for inputs in await completion_inputs(self.state, self.body)
-        ]
+    async def inputs(self) -> list[PromptInputs]:
+        return await completion_inputs(self.state, self.body)
 
-    def _logprobs(self, index: int, lps: list[Logprob], offset: int, final: bool) -> dict[str, Any]:
+    def _logprobs(self, index: int, lps: list[Logprob], offset: int, final: bool) -> dict[str, Any] | None:
+        if self.params.logprobs is None:
+            return None
         pieces = self.pieces.setdefault(index, TokenPieces(self.state, self.params.skip_special_tokens))
         return completion_logprobs(self.tok, pieces, lps, self.top, offset, final)
 
@@ -260,24 +254,14 @@ class CompletionRenderer(Renderer):
         """One chunk per engine step, every choice that changed in it."""
         out = []
         for d in deltas:
-            lps = None
-            if self.params.logprobs is not None and d.logprobs:
-                lps = self._logprobs(
-                    d.index, d.logprobs, self.offsets[d.index], final=d.finish_reason is not None
-                )
+            final = d.finish_reason is not None
+            lps = self._logprobs(d.index, d.logprobs, self.offsets[d.index], final) if d.logprobs else None
             self.offsets[d.index] += len(d.text)
             out.append({"index": d.index, "text": d.text, "logprobs": lps, "finish_reason": d.finish_reason,
-                        **({"stop_reason": d.stop_reason} if d.finish_reason is not None else {})})  # fmt: skip
+                        **({"stop_reason": d.stop_reason} if final else {})})  # fmt: skip
         if out:
             yield out
 
     def choice(self, index: int, c: Choice) -> dict[str, Any]:
-        return {
-            "index": index,
-            "text": "".join(c.text),
-            "logprobs": self._logprobs(index, c.logprobs, 0, True)
-            if self.params.logprobs is not None
-            else None,
-            "finish_reason": c.finish_reason,
-            "stop_reason": c.stop_reason,
-        }
+        return {"index": index, "text": "".join(c.text), "logprobs": self._logprobs(index, c.logprobs, 0, True),
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}  # fmt: skip
