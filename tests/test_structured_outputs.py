@@ -18,8 +18,9 @@ from server.engine.structured import (
     GrammarCompiler,
     StructuredOutput,
     StructuredOutputError,
-    _forbidden,
-    _forbidden_on,
+    _apply_on_device,
+    _apply_on_host,
+    apply_bitmask,
 )
 
 SCHEMA = {
@@ -206,12 +207,39 @@ def test_without_the_mask_the_validity_check_fails(llm, monkeypatch):
     assert not all(_valid(c.text) and c.finish_reason == "stop" for o in outs for c in o.outputs)
 
 
-def test_mask_unpacking_paths_agree():
-    """The CPU (numpy) and device (torch ops) unpackings give token 32w + b from bit b of
-    word w, and cut the padding bits past the vocabulary."""
-    mask = torch.randint(-(2**31), 2**31 - 1, (3, 5), dtype=torch.int32)
+def test_mask_apply_paths_agree():
+    """The CPU (numpy, row by row, both branches) and device (torch ops) paths set token
+    32w + b of each constrained row to -inf iff bit b of word w is 0, cut the padding bits
+    past the vocabulary, and leave unconstrained rows alone."""
     vocab = 150
-    got = _forbidden(mask, vocab, torch.device("cpu"))
-    assert torch.equal(got, _forbidden_on(mask, vocab))
-    for r, t in [(0, 0), (1, 37), (2, 149)]:
-        assert bool(got[r, t]) == (not (int(mask[r, t // 32]) >> (t % 32)) & 1)
+    mask = torch.randint(-(2**31), 2**31 - 1, (2, 5), dtype=torch.int32)
+    mask[1, 1:] = 0  # few allowed tokens: the host path's fill-and-restore branch
+    logits = torch.randn(4, vocab)
+    rows = [1, 3]
+    host, dev = logits.clone(), logits.clone()
+    _apply_on_host(host.numpy(), rows, mask.numpy())
+    _apply_on_device(dev, rows, mask)
+    assert torch.equal(host, dev)
+    assert torch.equal(host[[0, 2]], logits[[0, 2]])
+    for j, r in enumerate(rows):
+        for t in range(vocab):
+            allowed = (int(mask[j, t // 32]) >> (t % 32)) & 1
+            assert (host[r, t] == float("-inf")) == (not allowed)
+    everything, ref = logits.clone(), logits.clone()  # all rows, through the public entry point
+    apply_bitmask(everything, [0, 1], mask)
+    _apply_on_device(ref, [0, 1], mask)
+    assert torch.equal(everything, ref)
+
+
+def test_structured_bench_pieces_and_alternating_runs(llm):
+    """The --structured bench's two measurements run end to end at tiny sizes: every mask
+    piece is timed, and the alternating runs decode every step they should (both kinds)."""
+    from server.engine import bench
+
+    masks = bench.mask_cost(batch=2, vocab=600, device=torch.device("cpu"), steps=3)
+    assert all(masks[f"{k}_ms_per_step"] > 0 for k in ("fill", "apply", "advance", "tail"))
+    ab = bench.structured_ab(llm.engine, batch=2, decode_tokens=4, repeats=2)
+    # each run decodes max_tokens - 1 tokens per row (the first comes with the prefill); a
+    # constrained row whose grammar compile finished a step early decodes one of them untimed
+    assert ab["tokens_none"] == 2 * 2 * 3 and 2 * 2 * 2 <= ab["tokens_json"] <= 2 * 2 * 3, ab
+    assert ab["none_ms_per_step"] > 0 and ab["json_ms_per_step"] > 0

@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import random
+import statistics
 import string
 import time
 from dataclasses import asdict, dataclass, replace
@@ -224,10 +225,25 @@ def _synthetic_tokenizer(vocab: int) -> Any:
     return tok
 
 
-def mask_cost(batch: int, vocab: int, device: torch.device, steps: int = 20) -> dict[str, float]:
-    """ms per step of the grammar mask alone at a real-size vocabulary: `batch` matchers
-    filling one bitmask, applied to [batch, vocab] logits; each matcher then advances by an
-    allowed token (a greedy walk through the schema's free string)."""
+def _median_ms(xs: list[float]) -> float:
+    return round(1e3 * statistics.median(xs), 3)
+
+
+def _clone_argmax(logits: torch.Tensor) -> list[int]:
+    return logits.clone().argmax(-1).tolist()
+
+
+def _advance_all(states: list[GrammarState], picked: list[int]) -> None:
+    for s, t in zip(states, picked):
+        s.advance(t)
+
+
+def mask_cost(batch: int, vocab: int, device: torch.device, steps: int = 30) -> dict[str, float]:
+    """Per-step medians (ms) of the grammar mask's pieces alone at a real-size vocabulary:
+    `batch` matchers filling one bitmask, the bitmask applied in place to [batch, vocab]
+    logits, each matcher advancing by the argmax (a greedy walk through the schema's free
+    string); and the unconstrained tail (clone + argmax) for scale. The pieces alternate
+    within every step, so a busy machine's drift hits them alike."""
     tok = _synthetic_tokenizer(vocab)
     eos = tok.token_to_id("<|im_end|>")
     t0 = time.perf_counter()
@@ -236,25 +252,63 @@ def mask_cost(batch: int, vocab: int, device: torch.device, steps: int = 20) -> 
     states = [GrammarState(compiled) for _ in range(batch)]
     logits = torch.randn(batch, vocab, device=device)
     rows = list(range(batch))
-    fill = apply = 0.0
-    for _ in range(steps):
+    times: dict[str, list[float]] = {"fill": [], "apply": [], "advance": [], "tail": []}
+
+    def timed(piece: str, fn: Any, *args: Any) -> Any:
         t = time.perf_counter()
-        mask = fill_bitmask(states, vocab)
-        fill += time.perf_counter() - t
-        t = time.perf_counter()
-        masked = logits.clone()
-        apply_bitmask(masked, rows, mask)
-        picked = masked.argmax(-1).tolist()
+        out = fn(*args)
         _sync(device)
-        apply += time.perf_counter() - t
-        for s, tok_id in zip(states, picked):
-            s.advance(tok_id)
-    return {
+        times[piece].append(time.perf_counter() - t)
+        return out
+
+    for _ in range(steps):
+        timed("tail", _clone_argmax, logits)
+        mask = timed("fill", fill_bitmask, states, vocab)
+        masked = logits.clone()
+        timed("apply", apply_bitmask, masked, rows, mask)
+        timed("advance", _advance_all, states, masked.argmax(-1).tolist())
+    out: dict[str, float] = {
         "batch": batch,
         "vocab": vocab,
+        "steps": steps,
         "compile_ms": round(compile_ms, 2),
-        "fill_ms_per_step": round(1e3 * fill / steps, 3),
-        "apply_ms_per_step": round(1e3 * apply / steps, 3),  # incl. clone + argmax + readback
+    }
+    return out | {f"{k}_ms_per_step": _median_ms(v) for k, v in times.items()}
+
+
+def structured_ab(core: EngineCore, batch: int, decode_tokens: int, repeats: int = 5) -> dict[str, float]:
+    """Per-step ms of the sampled decode at `batch` (in the core's current mode), every row
+    unconstrained vs every row under BENCH_SCHEMA, in alternating runs (none, json, none,
+    ...) so a shared machine's drift hits both alike; medians over all decode steps."""
+    sampled = SamplingParams(temperature=0.8, top_p=0.95, seed=0, max_tokens=decode_tokens, ignore_eos=True)
+    kinds = {
+        "none": sampled,
+        "json": replace(sampled, structured=StructuredOutput("json_schema", BENCH_SCHEMA)),
+    }
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    tokens = dict.fromkeys(kinds, 0)
+    for r in range(repeats):
+        for kind, params in kinds.items():
+            for i in range(batch):
+                core.add_request(EngineRequest(f"ab{r}-{kind}-{i}", list(range(10, 26)), params))
+            # untimed: the grammar compile (rows join the scheduler once it is done) and the prefill
+            while len(core.scheduler.running) < batch or any(s.in_prefill for s in core.scheduler.running):
+                core.step()
+            while core.has_unfinished():
+                t = time.perf_counter()
+                tokens[kind] += sum(len(o.new_token_ids) for o in core.step())
+                _sync(core.model.device)
+                times[kind].append(time.perf_counter() - t)
+    none, con = statistics.median(times["none"]), statistics.median(times["json"])
+    return {
+        "batch": batch,
+        "repeats": repeats,
+        "none_ms_per_step": round(1e3 * none, 3),
+        "json_ms_per_step": round(1e3 * con, 3),
+        "ratio": round(con / none, 3),
+        "steps": len(times["none"]),
+        "tokens_none": tokens["none"],
+        "tokens_json": tokens["json"],
     }
 
 
@@ -436,6 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     startup = _startup(core, time.perf_counter() - t0)
     print("engine start:", ", ".join(f"{k} {v}" for k, v in startup.items()))
     rows = run(core, batches, a.prompt_len, a.decode_tokens, a.sampled_batch, a.structured)
+    ab = structured_ab(core, a.sampled_batch or 64, a.decode_tokens) if a.structured else None
     masks = mask_cost(a.sampled_batch or 64, 151936, device) if a.structured else None
 
     card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
@@ -454,10 +509,15 @@ def main(argv: list[str] | None = None) -> None:
             f"\nstructured decode, batch {con.batch}: {con.ms_per_step:.2f} ms/step constrained vs "
             f"{base.ms_per_step:.2f} unconstrained ({100 * (con.ms_per_step / base.ms_per_step - 1):+.1f} %)"
         )
-    if masks:
+    if ab and masks:
         print(
-            "grammar mask alone at vocab {vocab}, batch {batch}: compile {compile_ms} ms, fill {fill_ms_per_step} "
-            "ms/step, apply {apply_ms_per_step} ms/step".format(**masks)
+            "alternating runs, batch {batch}, medians of {repeats} runs each: {json_ms_per_step} ms/step "
+            "constrained vs {none_ms_per_step} unconstrained (ratio {ratio})".format(**ab)
+        )
+        print(
+            "grammar mask alone at vocab {vocab}, batch {batch}, medians of {steps} steps: compile {compile_ms} ms, "
+            "fill {fill_ms_per_step} ms/step, apply {apply_ms_per_step}, advance {advance_ms_per_step}; "
+            "unconstrained clone + argmax {tail_ms_per_step}".format(**masks)
         )
     if a.json:
         with open(a.json, "w") as f:
@@ -470,6 +530,7 @@ def main(argv: list[str] | None = None) -> None:
                     "startup": startup,
                     "rows": [asdict(r) for r in rows],
                     "grammar_mask": masks,
+                    "structured_ab": ab,
                 },
                 f,
                 indent=2,

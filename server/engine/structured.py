@@ -306,27 +306,51 @@ def fill_bitmask(states: list[GrammarState], vocab_size: int) -> torch.Tensor:
     return mask
 
 
-def _forbidden(mask: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
-    """[n, vocab] bool, True = forbidden. Bit t of little-endian byte k is token 8k + t."""
-    if device.type == "cpu":  # numpy's unpackbits: one pass, ~20x faster than torch ops here
-        inv = np.invert(mask.numpy().view(np.uint8))
-        return torch.from_numpy(np.unpackbits(inv, axis=1, count=vocab, bitorder="little")).view(torch.bool)
-    return _forbidden_on(mask.to(device, non_blocking=True), vocab)  # copies 1/32 of the bytes
-
-
 def _forbidden_on(mask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """The same, unpacked by torch ops where `mask` is (the device)."""
+    """[n, vocab] bool, True = forbidden, unpacked by torch ops where `mask` is (the device).
+    Bit t of little-endian byte k is token 8k + t."""
     packed = mask.view(torch.uint8)
     shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
     return (((packed[:, :, None] >> shifts) & 1) == 0).view(len(mask), -1)[:, :vocab]
 
 
+_NEG_INF = np.float32("-inf")
+
+
+def _apply_on_host(logits: np.ndarray, rows: list[int], mask: np.ndarray) -> None:
+    """Row by row in place (no gather / scatter when only some rows are constrained). A row
+    whose allowed tokens sit in few mask words (between JSON keys, say) is filled with -inf
+    at memset speed and those tokens' logits put back, found from the packed words alone;
+    any other is unpacked (cache-resident, one row) for a masked copy of -inf."""
+    vocab = logits.shape[1]
+    for j, r in enumerate(rows):
+        row, packed = logits[r], mask[j]
+        words = np.flatnonzero(packed)  # the words holding an allowed token
+        if 4 * len(words) < len(packed):
+            bits = np.unpackbits(packed[words].view(np.uint8), bitorder="little").reshape(len(words), 32)
+            w, b = np.nonzero(bits)
+            allowed = words[w] * 32 + b
+            allowed = allowed[allowed < vocab]
+            kept = row[allowed]
+            row.fill(_NEG_INF)
+            row[allowed] = kept
+        else:
+            forbidden = np.unpackbits(np.invert(packed.view(np.uint8)), count=vocab, bitorder="little")
+            np.copyto(row, _NEG_INF, where=forbidden.view(bool))
+
+
 def apply_bitmask(logits: torch.Tensor, rows: list[int], mask: torch.Tensor) -> None:
     """logits[rows] (in place) at -inf where the host mask's bit is 0."""
-    dev, vocab = logits.device, logits.shape[-1]
-    forbidden = _forbidden(mask, vocab, dev)
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+        _apply_on_host(logits.numpy(), rows, mask.numpy())
+    else:
+        _apply_on_device(logits, rows, mask)
+
+
+def _apply_on_device(logits: torch.Tensor, rows: list[int], mask: torch.Tensor) -> None:
+    forbidden = _forbidden_on(mask.to(logits.device, non_blocking=True), logits.shape[-1])  # 1/32 the bytes
     if rows == list(range(logits.shape[0])):  # every row constrained: no gather / scatter
         logits.masked_fill_(forbidden, float("-inf"))
         return
-    idx = to_device(rows, dev, torch.long)
+    idx = to_device(rows, logits.device, torch.long)
     logits.index_copy_(0, idx, logits.index_select(0, idx).masked_fill_(forbidden, float("-inf")))
