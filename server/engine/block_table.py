@@ -36,12 +36,17 @@ class _Row:
 
 
 class BlockTable:
-    def __init__(self, max_rows: int, max_blocks: int, device: torch.device) -> None:
+    def __init__(
+        self, max_rows: int, max_blocks: int, device: torch.device, mirrored: bool | None = None
+    ) -> None:
+        """`mirrored`: a host table and a device copy kept by `sync` (default: on CUDA); on
+        CPU one tensor serves both unless asked (the kernel counter asks, to see CUDA's work)."""
         self.device = device
+        self.mirrored = device.type == "cuda" if mirrored is None else mirrored
         self._alloc(max_rows, max_blocks)
         self._by_owner: dict[object, _Row] = {}
         self._at: list[_Row | None] = [None] * max_rows
-        self._dirty: list[int] = []  # flat host indices written since the last sync (CUDA)
+        self._dirty: list[int] = []  # flat host indices written since the last sync (mirrored)
         self.frozen = False  # set once CUDA graphs read `device_table`: it may not move
         self.step = 0
         self.writes = 0  # block ids written (a count for tests: per-step work stays flat)
@@ -54,8 +59,7 @@ class BlockTable:
         if old is not None:
             host[: old.shape[0], : old.shape[1]] = old
         self.host = host
-        # on CPU the device table is the host one; on CUDA a mirror kept by `sync`
-        self.device_table = host.to(self.device) if cuda else host
+        self.device_table = host.to(self.device, copy=True) if self.mirrored else host
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -105,7 +109,7 @@ class BlockTable:
     def sync(self) -> None:
         """Copy the host entries written since the last sync to the device (CUDA): one
         scatter of the new ids, queued without waiting."""
-        if not self._dirty or self.device.type != "cuda":
+        if not self._dirty or not self.mirrored:
             self._dirty.clear()
             return
         idx = torch.tensor(self._dirty, dtype=torch.long)
@@ -136,7 +140,7 @@ class BlockTable:
             return
         self.host[row, start:end] = ids[: end - start]
         self.writes += end - start
-        if self.device.type == "cuda":
+        if self.mirrored:
             self._dirty += range(row * cols + start, row * cols + end)
 
     def _free_row(self) -> int:

@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_flatten
 from kernels import triton_utils
 from server.model.qwen3_vl import DecoderLayer, Qwen3VL
 
+from .block_table import BlockTable
 from .runner import ModelRunner, ScheduledChunk, SequenceData
 from .sampler import SamplingInput, sample_async
 from .sampling_params import SamplingParams
@@ -226,6 +227,8 @@ def count_decode_step(
     model.set_backend("triton")
     blocks = batch * -(-context // block_size)
     runner = ModelRunner(model, num_blocks=blocks, block_size=block_size)
+    # As on CUDA: the block table lives on the host, its device mirror is updated by `sync`.
+    runner.block_table = BlockTable(1, 1, model.device, mirrored=True)
     with mock.patch("kernels.attention.num_sms", lambda _dev: H200_SMS):
         runner.enable_decode_graphs(max(batch, 1), max_model_len, capture=False)
         graphs = runner.decode_graphs
