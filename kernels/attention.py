@@ -17,7 +17,9 @@ counter per tile and KV head), so a decode step's attention is one kernel either
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -83,6 +85,39 @@ def _write_kv_kernel(
         tl.store(vc, to_out(v.to(tl.float32), v_cache_ptr), mask=mask)
 
 
+def _write_kv_spec(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple:
+    """(kernel, grid, args, kwargs) of write_kv_cache's launch (checked inputs)."""
+    t, h, d = key.shape
+    args = (
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k_cache.shape[1],
+        h,
+        d,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+    )
+    kwargs = dict(BLOCK_H=next_pow2(h), BLOCK_D=next_pow2(d), num_warps=1 if h * d <= 1024 else 4)
+    return _write_kv_kernel, (t,), args, kwargs
+
+
 def write_kv_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -105,7 +140,7 @@ def write_kv_cache(
     if slot_mapping.shape != (key.shape[0],):
         raise ValueError(f"slot_mapping must be [T={key.shape[0]}], got {list(slot_mapping.shape)}")
     check_triton_device(key, value, k_cache, v_cache, slot_mapping)
-    t, h, d = key.shape
+    t = key.shape[0]
     if t == 0:
         return
     if key.stride(2) != 1:
@@ -114,37 +149,17 @@ def write_kv_cache(
         value = value.contiguous()
     if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("k_cache / v_cache need unit stride along D")
-    _write_kv_kernel[(t,)](
-        key,
-        value,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        k_cache.shape[1],
-        h,
-        d,
-        key.stride(0),
-        key.stride(1),
-        value.stride(0),
-        value.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        BLOCK_H=next_pow2(h),
-        BLOCK_D=next_pow2(d),
-        num_warps=1 if h * d <= 1024 else 4,
-    )
+    kernel, grid, args, kwargs = _write_kv_spec(key, value, k_cache, v_cache, slot_mapping)
+    kernel[grid](*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- attention
 
 
-# Per-step integers are run-time values: a new batch size or split count must not compile a
-# new variant in the middle of traffic (Triton specializes ints on ==1 and %16 otherwise).
-@triton.jit(do_not_specialize=["B", "T", "TILES", "num_splits"])
+# Per-step integers are run-time values: a new batch size, split count or block-table width
+# (the step's longest context) must not compile a new variant in the middle of traffic
+# (Triton specializes ints on ==1 and %16 otherwise).
+@triton.jit(do_not_specialize=["B", "T", "TILES", "num_splits", "stride_bt"])
 def _attn_kernel(
     q_ptr,
     k_ptr,
@@ -446,6 +461,13 @@ def plan_attention(
 ) -> AttentionPlan:
     """Heuristic tiles: 16 rows for decode-like batches, 64 for prefill; split the context
     (flash-decoding) when sequences x KV heads x tiles would leave most SMs idle."""
+    return plan_for_sms(batch, h_q, h_kv, head_dim, max_query_len, max_seq_len, num_sms(device))
+
+
+def plan_for_sms(
+    batch: int, h_q: int, h_kv: int, head_dim: int, max_query_len: int, max_seq_len: int | None, sms: int
+) -> AttentionPlan:
+    """plan_attention on a GPU with ``sms`` multiprocessors."""
     group_p = next_pow2(h_q // h_kv)
     rows = 16 if max_query_len * group_p <= 16 else 64
     rows = max(rows, group_p)
@@ -453,7 +475,6 @@ def plan_attention(
     tiles = -(-max_query_len // block_q)
     work = batch * tiles * h_kv
     splits = 1
-    sms = num_sms(device)
     if max_seq_len is not None and work < sms:
         chunks = -(-max_seq_len // 64)
         splits = max(1, min(-(-2 * sms // work), chunks // 4, 16))
@@ -487,7 +508,7 @@ def _split_locks(n: int, device: torch.device) -> torch.Tensor:
     return locks
 
 
-def _launch(
+def _attn_spec(
     query: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -502,7 +523,8 @@ def _launch(
     max_query_len: int,
     plan: AttentionPlan,
     rope: _Rope | None = None,
-) -> None:
+) -> tuple[tuple, tuple, dict]:
+    """(grid, args, kwargs) of the attention kernel's launch (checked inputs)."""
     t, h_q, d = query.shape
     h_kv = k.shape[-2]
     group = h_q // h_kv
@@ -530,7 +552,7 @@ def _launch(
     pad_programs = -(-t // plan.block_q)
     grid = (batch * tiles + pad_programs, h_kv, splits)
     dot_fp32 = query.dtype == torch.float32 or (INTERPRET and query.dtype == torch.bfloat16)
-    _attn_kernel[grid](
+    args = (
         query,
         k,
         v,
@@ -568,6 +590,8 @@ def _launch(
         vh,
         bt,
         block_size,
+    )
+    kwargs = dict(
         GROUP=group,
         GROUP_P=group_p,
         BLOCK_Q=plan.block_q,
@@ -582,6 +606,7 @@ def _launch(
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
+    return grid, args, kwargs
 
 
 def _check_query(query: torch.Tensor, h_kv: int, d_kv: int) -> None:
@@ -640,7 +665,7 @@ def paged_attention(
         max_seq_len = int(seq_lens.max())  # device sync
     if plan is None:
         plan = plan_attention(batch, h_q, h_kv, d, max_query_len, max_seq_len, query.device)
-    _launch(
+    grid, args, kwargs = _attn_spec(
         query,
         k_cache,
         v_cache,
@@ -656,6 +681,7 @@ def paged_attention(
         plan,
         _rope,
     )
+    _attn_kernel[grid](*args, **kwargs)
     return out
 
 
@@ -694,10 +720,7 @@ def decode_attention(
     if slot_mapping.shape != (t,):
         raise ValueError(f"slot_mapping must be [T={t}], got {list(slot_mapping.shape)}")
     check_triton_device(qkv, q_weight, k_weight, cos, sin, slot_mapping)
-    query = qkv[:, : num_heads * d].view(t, num_heads, d)  # row stride: qkv's
-    cos = cos if cos.stride(1) == 1 else cos.contiguous()
-    sin = sin if sin.stride(1) == 1 else sin.contiguous()
-    rope = _Rope(q_weight.contiguous(), k_weight.contiguous(), eps, cos, sin, slot_mapping)
+    query, rope = _decode_inputs(qkv, q_weight, k_weight, eps, cos, sin, slot_mapping, num_heads)
     return paged_attention(
         query,
         k_cache,
@@ -711,6 +734,24 @@ def decode_attention(
         plan=plan,
         _rope=rope,
     )
+
+
+def _decode_inputs(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+) -> tuple[torch.Tensor, _Rope]:
+    """decode_attention's query (a view of qkv) and what the kernel fuses in front."""
+    t, d = qkv.shape[0], q_weight.shape[0]
+    query = qkv[:, : num_heads * d].view(t, num_heads, d)  # row stride: qkv's
+    cos = cos if cos.stride(1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(1) == 1 else sin.contiguous()
+    return query, _Rope(q_weight.contiguous(), k_weight.contiguous(), eps, cos, sin, slot_mapping)
 
 
 def varlen_attention(
@@ -742,7 +783,7 @@ def varlen_attention(
     scale = d**-0.5 if scale is None else scale
     if plan is None:
         plan = plan_attention(batch, h_q, k.shape[1], d, max_seqlen, None, q.device)
-    _launch(
+    grid, args, kwargs = _attn_spec(
         q,
         k,
         v,
@@ -757,6 +798,7 @@ def varlen_attention(
         max(1, max_seqlen),
         plan,
     )
+    _attn_kernel[grid](*args, **kwargs)
     return out
 
 
@@ -767,3 +809,80 @@ def _capturing() -> bool:
 def attention_bytes(batch: int, ctx: int, h_kv: int, d: int, elem: int = 2) -> int:
     """K and V bytes one decode step over ``ctx`` tokens reads (for bandwidth reports)."""
     return 2 * batch * ctx * h_kv * d * elem
+
+
+# What aot_launches enumerates through the plan heuristic: the SM counts of H200 / H100 SXM and
+# H100 PCIe, decode batch sizes of any max_num_seqs up to 256 (past SMs / KV heads sequences
+# the plan stops changing), query lengths and contexts either side of every threshold.
+_AOT_SMS = (132, 114)
+_AOT_BATCHES = range(1, 257)
+_AOT_QUERY_LENS = (*range(1, 33), *(2**i for i in range(6, 15)))
+_AOT_CONTEXTS = (1, 256, 1024, 32768)
+
+
+def _aot_plans(
+    h_q: int, h_kv: int, d: int, query_lens: tuple[int, ...], contexts: tuple[int | None, ...]
+) -> dict[AttentionPlan, tuple[int, int, int | None]]:
+    """Distinct plans -> a (batch, max_query_len, max_seq_len) that picks it. Split counts > 1
+    fold into 2: num_splits is a run-time int (do_not_specialize), one binary serves them all."""
+    plans: dict[AttentionPlan, tuple[int, int, int | None]] = {}
+    for sms, b, q, ctx in itertools.product(_AOT_SMS, _AOT_BATCHES, query_lens, contexts):
+        p = plan_for_sms(b, h_q, h_kv, d, q, ctx, sms)
+        plans.setdefault(replace(p, num_splits=min(p.num_splits, 2)), (b, q, ctx))
+    return plans
+
+
+def _aot_label(plan: AttentionPlan) -> str:
+    return (
+        f"BLOCK_Q={plan.block_q} BLOCK_N={plan.block_n} SPLIT={plan.num_splits > 1} "
+        f"warps={plan.num_warps} stages={plan.num_stages}"
+    )
+
+
+def aot_launches(dims, dtype: torch.dtype) -> Iterator:  # (build_check.ModelDims, dtype) -> Launch
+    """Every variant the dispatchers pick at the model's shapes, on meta tensors (for
+    kernels.build_check): decode (fused q/k norm + rotary) and prefill on the paged cache,
+    the vision tower's dense per-image attention, the KV-cache write."""
+    from kernels.build_check import Launch
+
+    meta = torch.device("meta")
+    h_q, h_kv, d, bs = dims.heads, dims.kv_heads, dims.head_dim, dims.block_size
+
+    def empty(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dt, device=meta)
+
+    def paged(label: str, plans: dict, decode: bool) -> Iterator[Launch]:
+        for plan, (b, q, ctx) in plans.items():
+            t, blocks = b * q, -(-ctx // bs)
+            k_cache, v_cache = empty(b * blocks, bs, h_kv, d), empty(b * blocks, bs, h_kv, d)
+            rope = None
+            if decode:
+                w, cs = empty(d), empty(t, d)
+                qkv = empty(t, (h_q + 2 * h_kv) * d)
+                query, rope = _decode_inputs(qkv, w, w, 1e-6, cs, cs, empty(t, dt=torch.long), h_q)
+            else:
+                query = empty(t, h_q, d)  # qk_norm_rope_kv's output
+            out = torch.empty_like(query, memory_format=torch.contiguous_format)
+            lens = (empty(b, blocks, dt=torch.long), empty(b, dt=torch.long), empty(b + 1, dt=torch.long))
+            _, args, kwargs = _attn_spec(
+                query, k_cache, v_cache, out, *lens, b, d**-0.5, True, True, q, plan, rope
+            )
+            yield Launch(f"{label} {_aot_label(plan)}", _attn_kernel, args, kwargs)
+
+    yield from paged("decode", _aot_plans(h_q, h_kv, d, (1,), _AOT_CONTEXTS), decode=True)
+    # the server sends max_query_len 1 to decode_attention; paged_attention picks a prefill plan for it
+    yield from paged("prefill", _aot_plans(h_q, h_kv, d, _AOT_QUERY_LENS, _AOT_CONTEXTS), decode=False)
+
+    vh = dims.vision_heads
+    vd = dims.vision_hidden // vh
+    for plan, (b, q, _) in _aot_plans(vh, vh, vd, _AOT_QUERY_LENS, (None,)).items():
+        x, cu = empty(b * q, vh, vd), empty(b + 1, dt=torch.long)
+        _, args, kwargs = _attn_spec(
+            x, x, x, torch.empty_like(x), cu, cu, cu, b, vd**-0.5, False, False, q, plan
+        )
+        yield Launch(f"vision {_aot_label(plan)}", _attn_kernel, args, kwargs)
+
+    kv, slots = empty(1, h_kv, d), empty(1, dt=torch.long)
+    cache = empty(1, bs, h_kv, d)
+    kernel, _, args, kwargs = _write_kv_spec(kv, kv, cache, cache, slots)
+    yield Launch("write_kv", kernel, args, kwargs)

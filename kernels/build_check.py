@@ -47,8 +47,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The real Qwen3-VL-2B decoder shapes (tests/test_build_check.py checks them against
-    server/model/synthetic.py's REAL_2B_CONFIG: kernels/ never imports server/)."""
+    """The real Qwen3-VL-2B shapes (tests/test_build_check.py checks them against
+    server/model/synthetic.py's REAL_2B_CONFIG and the engine's defaults: kernels/ never
+    imports server/)."""
 
     hidden: int = 2048
     intermediate: int = 6144
@@ -57,6 +58,9 @@ class ModelDims:
     head_dim: int = 128
     vocab: int = 151936
     group_size: int = 128
+    block_size: int = 16  # the KV-cache block, server/engine/args.py's default
+    vision_hidden: int = 1024
+    vision_heads: int = 16
 
     def decoder_linears(self) -> list[tuple[str, int, int]]:
         """(name, N, K) of the fused decoder linears."""

@@ -14,6 +14,8 @@ rounding once is what torch does).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from kernels.triton_utils import check_triton_device, next_pow2, round_to, to_out
@@ -103,6 +105,54 @@ def _qk_norm_rope_kv_kernel(
         tl.store(vc, to_out(v, v_cache_ptr), mask=kv_mask)
 
 
+def _rope_spec(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q: torch.Tensor,
+) -> tuple:
+    """(kernel, grid, args, kwargs) of qk_norm_rope_kv's launch (checked inputs) -> q [T, H_q, D]."""
+    t, num_heads, d = q.shape
+    h_kv = k_cache.shape[2]
+    args = (
+        qkv,
+        q_weight.contiguous(),
+        k_weight.contiguous(),
+        cos,
+        sin,
+        q,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        num_heads,
+        h_kv,
+        d,
+        eps,
+        k_cache.shape[1],
+        qkv.stride(0),
+        cos.stride(0),
+        sin.stride(0),
+        q.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+    )
+    kwargs = dict(
+        BLOCK_HQ=next_pow2(num_heads),
+        BLOCK_HKV=next_pow2(h_kv),
+        BLOCK_D=next_pow2(d),
+        num_warps=4 if num_heads * d >= 1024 else 1,
+    )
+    return _qk_norm_rope_kv_kernel, (t,), args, kwargs
+
+
 def qk_norm_rope_kv(
     qkv: torch.Tensor,
     q_weight: torch.Tensor,
@@ -141,32 +191,25 @@ def qk_norm_rope_kv(
     sin = sin if sin.stride(1) == 1 else sin.contiguous()
     q = torch.empty((t, num_heads, d), dtype=qkv.dtype, device=qkv.device)
     if t:
-        _qk_norm_rope_kv_kernel[(t,)](
-            qkv,
-            q_weight.contiguous(),
-            k_weight.contiguous(),
-            cos,
-            sin,
-            q,
-            k_cache,
-            v_cache,
-            slot_mapping,
-            num_heads,
-            h_kv,
-            d,
-            eps,
-            k_cache.shape[1],
-            qkv.stride(0),
-            cos.stride(0),
-            sin.stride(0),
-            q.stride(0),
-            k_cache.stride(0),
-            k_cache.stride(1),
-            v_cache.stride(0),
-            v_cache.stride(1),
-            BLOCK_HQ=next_pow2(num_heads),
-            BLOCK_HKV=next_pow2(h_kv),
-            BLOCK_D=next_pow2(d),
-            num_warps=4 if num_heads * d >= 1024 else 1,
+        kernel, grid, args, kwargs = _rope_spec(
+            qkv, q_weight, k_weight, eps, cos, sin, k_cache, v_cache, slot_mapping, q
         )
+        kernel[grid](*args, **kwargs)
     return q
+
+
+def aot_launches(dims, dtype: torch.dtype) -> Iterator:  # (build_check.ModelDims, dtype) -> Launch
+    """The prefill steps' q/k norm + rotary + KV write at the decoder's shapes, on meta tensors
+    (for kernels.build_check); the token count is only the grid."""
+    from kernels.build_check import Launch
+
+    meta = torch.device("meta")
+    h_q, h_kv, d = dims.heads, dims.kv_heads, dims.head_dim
+
+    def empty(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dt, device=meta)
+
+    cache, w, cs = empty(1, dims.block_size, h_kv, d), empty(d), empty(1, d)
+    qkv, q = empty(1, (h_q + 2 * h_kv) * d), empty(1, h_q, d)
+    kernel, _, args, kwargs = _rope_spec(qkv, w, w, 1e-6, cs, cs, cache, cache, empty(1, dt=torch.long), q)
+    yield Launch(f"{h_q}+{h_kv} heads x {d}", kernel, args, kwargs)

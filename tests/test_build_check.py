@@ -31,6 +31,7 @@ def _python(code: str) -> str:
 
 def test_dims_are_the_real_model_config() -> None:
     from kernels.build_check import ModelDims
+    from server.engine.args import EngineArgs
     from server.model.synthetic import REAL_2B_CONFIG
 
     text = REAL_2B_CONFIG["text_config"]
@@ -45,6 +46,9 @@ def test_dims_are_the_real_model_config() -> None:
         text["num_key_value_heads"],
         text["head_dim"],
     )
+    vision = REAL_2B_CONFIG["vision_config"]
+    assert (dims.vision_hidden, dims.vision_heads) == (vision["hidden_size"], vision["num_heads"])
+    assert dims.block_size == EngineArgs().block_size
     shapes = {name: (n, k) for name, n, k in dims.decoder_linears()}
     assert shapes == {"qkv": (4096, 2048), "o": (2048, 2048), "gate_up": (12288, 2048), "down": (2048, 6144)}
 
@@ -111,3 +115,36 @@ for n in (2047, 2048, 1):  # an int that is specialized: three keys
 print("dequant", len(keys))
 """
     assert _python(code).split() == ["gemv", "1", "gemm", "1", "dequant", "3"]
+
+
+def test_every_kernel_is_listed_by_aot_launches() -> None:
+    # Enumerates the launches only (no compile): every *_kernel of kernels/ is in some
+    # module's aot_launches, for both dtypes; and the attention split counts the heuristic
+    # folds into one launch (num_splits is do_not_specialize) do share one binary.
+    code = """
+import dataclasses, torch
+from kernels import attention
+from kernels.build_check import DTYPES, Launch, ModelDims, kernel_modules, launchable_kernels, specialization_key
+found, covered = set(), {d: set() for d in DTYPES}
+for mod in kernel_modules():
+    found |= {f"{mod.__name__}.{n}" for n in launchable_kernels(mod)}
+    for d, dtype in DTYPES.items():
+        for launch in getattr(mod, "aot_launches", lambda *_: ())(ModelDims(), dtype):
+            covered[d].add(f"{launch.kernel.fn.__module__}.{launch.kernel.fn.__name__}")
+print("kernels", len(found))
+for d in DTYPES:
+    print(d, "uncovered", sorted(found - covered[d]) or "none")
+decode = [l for l in attention.aot_launches(ModelDims(), torch.bfloat16) if l.label.startswith("decode")]
+print("decode launches", len(decode))
+split = next(l for l in decode if "SPLIT=True" in l.label)
+assert split.kwargs["SPLIT"] is True
+keys = set()
+for s in (2, 16):
+    args = list(split.args)
+    args[attention._attn_kernel.arg_names.index("num_splits")] = s
+    keys.add(specialization_key(Launch("", split.kernel, tuple(args), split.kwargs)))
+print("split keys", len(keys))
+"""
+    out = _python(code).splitlines()
+    assert int(out[0].split()[1]) >= 8, out  # the discovery itself still finds the kernels
+    assert out[1:] == ["bf16 uncovered none", "fp16 uncovered none", "decode launches 2", "split keys 1"], out
