@@ -71,6 +71,19 @@ def test_block_table_rows_follow_lists_through_growth_moves_and_reuse() -> None:
     assert len(table) <= 8 and table.moves > 0
 
 
+def test_block_table_grows_wider_under_a_list_longer_than_it() -> None:
+    """A sequence's whole block list arrives before the table is that wide (a prefill in
+    chunks on a table not reserved up front): the ids past the width are written once the
+    table grows, for plain and mirrored (CUDA-layout) tables."""
+    for mirrored in (False, True):
+        table = BlockTable(1, 1, torch.device("cpu"), mirrored=mirrored)
+        owner, blocks = object(), [7, 3, 9, 4, 8]
+        for width in (2, 4, 5):  # three chunks, each reading the blocks up to its end
+            rows = table.place([owner], [blocks], [width])
+            table.sync()
+            assert table.view(1, width)[rows[0]].tolist() == blocks[:width], (mirrored, width)
+
+
 def test_overhead_bench_runs_at_a_tiny_size(tmp_path, capsys) -> None:
     out = tmp_path / "overhead.json"
     bench.main([*"--overhead --batches 1,3 --context 32,80 --decode-tokens 4 --json".split(), str(out)])

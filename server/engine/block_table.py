@@ -129,7 +129,7 @@ class BlockTable:
             rec.blocks, rec.synced = blocks, 0
         if len(blocks) > rec.synced:
             self._write(rec.row, rec.synced, torch.tensor(blocks[rec.synced :], dtype=torch.long))
-            rec.synced = len(blocks)
+            rec.synced = min(len(blocks), self.shape[1])  # the rest once the table is wider
         rec.last_step = self.step
         return rec
 
