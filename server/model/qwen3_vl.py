@@ -22,11 +22,31 @@ from .layers import (
     attention,
     release_freed_memory,
     silu_and_mul,
+    use_triton,
 )
 from .model_config import ModelConfig, TextConfig, VisionConfig
 
 # ---------------------------------------------------------------------------------------
 # Vision tower
+
+
+@dataclass(frozen=True)
+class ImageSegments:
+    """Where each image (each frame of a video) lies in the tower's packed rows, built once per
+    tower forward: lengths on the host for the per-image SDPA of the reference path,
+    cu_seqlens on the activations' device for the one varlen kernel call per block."""
+
+    lengths: list[int]
+    cu_seqlens: torch.Tensor  # int32 [num_images + 1]
+
+    @classmethod
+    def build(cls, lengths: list[int], device: torch.device) -> ImageSegments:
+        bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return cls(lengths, to_device(bounds, device))
+
+    @property
+    def max_len(self) -> int:  # from the host list: the kernel then needs no device sync
+        return max(self.lengths, default=0)
 
 
 class VisionBlock(nn.Module):
@@ -40,26 +60,34 @@ class VisionBlock(nn.Module):
         self.proj = Linear(d, d, bias=True)
         self.fc1 = Linear(d, cfg.intermediate_size, bias=True)
         self.fc2 = Linear(cfg.intermediate_size, d, bias=True)
+        self.backend = "auto"  # attention: "auto" | "reference" | "triton", as in DecoderLayer
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: ImageSegments
     ) -> torch.Tensor:
         n, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(n, 3, self.num_heads, -1).unbind(1)
         # Rotary in fp32 like the reference, whatever the activation dtype.
         q = (q.float() * cos[:, None] + rotate_half(q.float()) * sin[:, None]).to(x.dtype)
         k = (k.float() * cos[:, None] + rotate_half(k.float()) * sin[:, None]).to(x.dtype)
-        outs = []
-        start = 0
-        for length in seqlens:  # full attention within each image, none across images
-            sl = slice(start, start + length)
-            outs.append(
-                F.scaled_dot_product_attention(
-                    q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1)
-                ).transpose(0, 1)
-            )
-            start += length
-        x = x + self.proj(torch.cat(outs).reshape(n, d))
+        # Full attention within each image, none across images.
+        if use_triton(x, self.backend):  # all images of the step in one kernel call
+            from kernels.attention import varlen_attention
+
+            attn = varlen_attention(q, k, v, segments.cu_seqlens, max_seqlen=segments.max_len)
+        else:  # one SDPA per image, as transformers does: CPU greedy parity stays exact
+            outs = []
+            start = 0
+            for length in segments.lengths:
+                sl = slice(start, start + length)
+                outs.append(
+                    F.scaled_dot_product_attention(
+                        q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1)
+                    ).transpose(0, 1)
+                )
+                start += length
+            attn = torch.cat(outs)
+        x = x + self.proj(attn.reshape(n, d))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
 
 
@@ -159,10 +187,10 @@ class VisionTower(nn.Module):
         x = x + torch.cat([self._pos_embeds(*g) for g in grid_thw]).to(dtype)
         angles = torch.cat([self._rotary(*g) for g in grid_thw])
         cos, sin = angles.cos(), angles.sin()
-        seqlens = [h * w for t, h, w in grid_thw for _ in range(t)]
+        segments = ImageSegments.build([h * w for t, h, w in grid_thw for _ in range(t)], x.device)
         deepstack = []
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, seqlens)
+            x = block(x, cos, sin, segments)
             if i in self.cfg.deepstack_visual_indexes:
                 deepstack.append(self.deepstack_mergers[self.cfg.deepstack_visual_indexes.index(i)](x))
         merged = self.merger(x)
@@ -265,7 +293,7 @@ class Qwen3VL(nn.Module):
         """Kernels for linears, attention, norms and activations of the decoder:
         "auto" (Triton on CUDA, plain torch elsewhere), "reference" or "triton"."""
         for mod in self.modules():
-            if isinstance(mod, (Linear, RMSNorm, DecoderLayer)):
+            if isinstance(mod, (Linear, RMSNorm, DecoderLayer, VisionBlock)):
                 mod.backend = backend
         if self.device.type == "cpu" and backend != "triton":
             self.dequantize_linears()
