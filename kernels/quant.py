@@ -14,10 +14,11 @@ checkpoint must be refused with a message naming the tensor, never served.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from dataclasses import dataclass, field
 
 import torch
+
+from kernels import backend as kernel_backend
 
 __all__ = [
     "AWQ_ORDER",
@@ -34,7 +35,6 @@ AWQ_ORDER: tuple[int, ...] = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_SYMMETRIC_ZERO = 8
 
 _QRANGE: dict[int, tuple[int, int]] = {8: (-128, 127), 4: (-8, 7)}
-_BACKENDS = ("auto", "reference", "triton")
 
 
 class QuantizationError(ValueError):
@@ -505,16 +505,10 @@ def qmatmul(
     CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; fp16/bf16/fp32), or "auto": Triton
     for CUDA tensors of those dtypes, the reference otherwise. Unknown names raise ValueError.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown qmatmul backend {backend!r}; expected one of {_BACKENDS}")
+    kernel_backend.check(backend, "qmatmul")
     if x.shape[-1] != qw.in_features:
         raise ValueError(f"qmatmul: x has {x.shape[-1]} input features, weight expects {qw.in_features}")
-    if backend == "triton" or (
-        backend == "auto"
-        and x.is_cuda
-        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and importlib.util.find_spec("triton") is not None
-    ):
+    if kernel_backend.use_triton(x, backend):
         # importlib, not `import kernels.qmatmul`: the package attribute `kernels.qmatmul` is this
         # function (kernels/__init__ binds it after importing the submodule).
         return importlib.import_module("kernels.qmatmul").qmatmul(x, qw, bias=bias)

@@ -106,7 +106,8 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag(
         "kernel_backend",
         str,
-        "kernels: auto (Triton on CUDA, plain torch elsewhere), reference (plain torch) or triton",
+        "kernels: auto (Triton on CUDA, plain torch elsewhere), reference (plain torch) or triton; "
+        "a Triton kernel that fails at start switches the server to reference",
         choices=("auto", "reference", "triton"),
     ),
     _Flag("engine_in_thread", None, "debug: run the engine in a thread instead of a process"),

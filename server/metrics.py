@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 PREFIX = "grace_serve_"
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -143,11 +143,19 @@ class Metrics:
             "engine_stalled",
             "1 while work is pending and no engine step completed for --engine-stall-timeout seconds.",
         )
+        self.kernel_backend = Info(
+            PREFIX + "kernel_backend",
+            "Kernels serving: backend is triton or reference (reference after a Triton kernel failed at start).",
+            labels,
+            registry=r,
+        ).labels(*values)
         self._lock = threading.Lock()
         self._last: dict[str, int] = {}
 
     def watch_engine(self, engine: Any) -> None:
-        """Heartbeat gauges read from the engine client at scrape time (no per-step cost)."""
+        """Heartbeat gauges read from the engine client at scrape time (no per-step cost), and
+        the kernels it serves on (fixed once it is ready)."""
+        self.kernel_backend.info({"backend": engine.stats().kernel_backend})
         self.seconds_since_engine_step.set_function(engine.seconds_since_step)
         self.engine_stalled.set_function(lambda: 1.0 if engine.stalled else 0.0)
 

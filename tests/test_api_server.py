@@ -299,7 +299,11 @@ def test_public_endpoints_and_request_id(server, http):
     anon = httpx.Client(base_url=server.url, timeout=10)
     assert anon.get("/health").json() == {"status": "ok"}
     assert anon.get("/metrics").status_code == 200
-    assert anon.get("/version").json()["model"] == MODEL
+    version = anon.get("/version").json()
+    assert version["model"] == MODEL
+    in_use = version["kernel_backend"]["in_use"]
+    assert version["kernel_backend"]["requested"] == "auto" and in_use in ("triton", "reference")
+    assert scrape(server.url)[f'grace_serve_kernel_backend_info{{backend="{in_use}"}}'] == 1
     assert anon.get("/openapi.json").json()["paths"]["/v1/chat/completions"]
     r = http.get("/v1/models", headers={"X-Request-Id": "trace-abc.1"})
     assert r.headers["x-request-id"] == "trace-abc.1"

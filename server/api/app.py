@@ -356,9 +356,18 @@ _HEALTH_OK = {
 }
 _VERSION = {
     "type": "object",
-    "properties": {"version": {"type": "string"}, "model": {"type": "string"}, "max_model_len": {"type": "integer"}},
-    "required": ["version", "model", "max_model_len"],
-}  # fmt: skip
+    "properties": {
+        "version": {"type": "string"},
+        "model": {"type": "string"},
+        "max_model_len": {"type": "integer"},
+        "kernel_backend": {
+            "type": "object",
+            "properties": {"requested": {"type": "string"}, "in_use": {"type": "string"}},
+            "description": "--kernel-backend as given, and the kernels serving (reference after a fallback)",
+        },
+    },
+    "required": ["version", "model", "max_model_len", "kernel_backend"],
+}
 
 
 def _error(status: int, description: str | None = None) -> dict[str, Any]:
@@ -447,6 +456,10 @@ def _router() -> Any:
             "version": __version__,
             "model": state.config.model_name,
             "max_model_len": state.max_model_len,
+            "kernel_backend": {
+                "requested": state.config.kernel_backend,
+                "in_use": state.engine.stats().kernel_backend if state.engine is not None else None,
+            },
         }
 
     @router.get("/v1/models", response_model=ModelList)

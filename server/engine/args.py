@@ -23,6 +23,6 @@ class EngineArgs:
     cpu_kv_cache_gb: float | None = None  # CPU KV pool in GiB; None: a share of the free RAM
     enable_prefix_caching: bool = True
     encoder_cache_bytes: int = 256 << 20
-    kernel_backend: str = "auto"  # "auto" (Triton on CUDA), "reference", "triton"
+    kernel_backend: str = "auto"  # asked for: "auto", "reference", "triton" (kernels/backend.py)
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (debugging, profiling)
     async_scheduling: bool | None = None  # schedule step N+1 while step N runs; None: on CUDA

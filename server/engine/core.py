@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tokenizers import Tokenizer
 
+from kernels import backend as kernel_backend
 from server.model.images import ImageSettings, ProcessedImage
 from server.model.loader import load_model
 from server.model.qwen3_vl import Qwen3VL, mrope_positions
@@ -37,6 +40,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, Sequence, Status
 from .structured import CompiledGrammar, GrammarCompiler, GrammarState, StructuredOutput
 
+_T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 
@@ -81,6 +85,7 @@ class EngineStats:
     vision_runs: int = 0
     num_steps: int = 0  # steps run since start: the heartbeat the API side watches
     device: str = ""  # "cuda" or "cpu"
+    kernel_backend: str = ""  # in use: "triton" or "reference" (after a fallback, not what was asked)
 
 
 @dataclass
@@ -111,6 +116,7 @@ class EngineCore:
             self.tokenizer_path = None  # set it to serve structured outputs
         model.set_backend(args.kernel_backend)
         self.model = model
+        self.kernel_backend = kernel_backend.resolve(args.kernel_backend, model.device)
         cfg = model.cfg
         self.image_token_id = cfg.image_token_id
         self.merge_size = cfg.vision.spatial_merge_size
@@ -133,8 +139,7 @@ class EngineCore:
         self.runner.reserve_block_table(args.max_num_seqs, self.max_model_len)
         grid = self.largest_image_grid
         self.runner.max_encode_patches = grid[0] * grid[1] * grid[2]  # never above the profiled peak
-        if model.device.type == "cuda":
-            self._prepare_gpu_steps()
+        self._prepare_steps()
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len
@@ -165,18 +170,53 @@ class EngineCore:
         per_block = kv_bytes_per_block(self.model, a.block_size)
         return cpu_num_blocks(budget, per_block, a.max_num_seqs, self.max_model_len, a.block_size)
 
-    def _prepare_gpu_steps(self) -> None:
-        """Before traffic: tune the kernels for every prefill size, then capture the decode
-        graphs (with the Triton kernels only: the reference ones read device values)."""
+    def _prepare_steps(self) -> None:
+        """Before traffic, with the Triton kernels: run them once (on CUDA: tune them for every
+        prefill size, then capture the decode graphs; graphs need the Triton kernels, the
+        reference ones read device values). A kernel that fails here costs speed, not service."""
         a = self.args
-        if a.kernel_backend == "reference":
-            log.info("decode runs eagerly: CUDA graphs need the Triton kernels")
+        cuda = self.model.device.type == "cuda"
+        if self.kernel_backend == "reference":
+            if cuda:
+                log.info("decode runs eagerly: CUDA graphs need the Triton kernels")
             return
         t0 = time.perf_counter()
-        sizes = self.runner.warm_up(a.max_num_batched_tokens)
-        log.info("prefill sizes %s warmed up (kernels tuned) in %.1f s", sizes, time.perf_counter() - t0)
-        if not a.enforce_eager:
+        # CPU runs Triton in the interpreter: one small prefill proves the kernels, no tuning
+        max_tokens = a.max_num_batched_tokens if cuda else min(16, a.max_num_batched_tokens)
+        sizes = self._fall_back_on_kernel_error("warm-up", lambda: self.runner.warm_up(max_tokens))
+        log.info(
+            "prefill sizes %s warmed up (%s kernels) in %.1f s",
+            sizes,
+            self.kernel_backend,
+            time.perf_counter() - t0,
+        )
+        if cuda and self.kernel_backend == "triton" and not a.enforce_eager:
             self._enable_decode_graphs()
+
+    def _fall_back_on_kernel_error(self, what: str, step: Callable[[], _T]) -> _T:
+        """Run a start-up step; if it raises on the Triton kernels, log which kernel and why,
+        switch the model to the reference kernels and run it again there (an error that
+        the reference path raises too is not the kernels': it propagates)."""
+        try:
+            return step()
+        except torch.cuda.OutOfMemoryError:
+            raise  # memory, not a kernel: the caller says what to lower
+        except Exception as e:
+            if self.kernel_backend != "triton":
+                raise
+            log.warning(
+                "Triton kernel %s failed during %s (%s: %s); serving on the reference kernels "
+                "(plain torch, slower; --kernel-backend reference skips this)",
+                kernel_backend.failing_kernel(e),
+                what,
+                type(e).__name__,
+                e,
+            )
+        self.model.set_backend("reference")
+        self.kernel_backend = "reference"
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()  # what the failed step left cached
+        return step()
 
     def _enable_decode_graphs(self) -> None:
         """Capture the decode graphs; a failed capture costs speed, never the server."""
@@ -204,7 +244,12 @@ class EngineCore:
         a = self.args
         grid = self.largest_image_grid
         try:
-            profile = profile_memory(self.model, a.max_num_batched_tokens, a.max_num_seqs, a.block_size, grid)
+            profile = self._fall_back_on_kernel_error(
+                "the memory profile",
+                lambda: profile_memory(
+                    self.model, a.max_num_batched_tokens, a.max_num_seqs, a.block_size, grid
+                ),
+            )
         except torch.cuda.OutOfMemoryError as e:
             raise RuntimeError(
                 f"the profiling step (an image of {grid[1] * grid[2] // self.merge_size**2} tokens, "
@@ -517,6 +562,7 @@ class EngineCore:
             vision_runs=self.runner.vision_runs,
             num_steps=self.num_steps,
             device=self.model.device.type,
+            kernel_backend=self.kernel_backend,
         )
 
 

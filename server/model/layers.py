@@ -15,6 +15,7 @@ from torch import nn
 import kernels
 from kernels import QuantizedWeight
 from kernels import reference as ref
+from kernels.backend import use_triton
 
 
 def release_freed_memory() -> None:
@@ -57,11 +58,6 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         kind = f"w{self.qweight.bits}g{self.qweight.group_size}" if self.qweight is not None else "dense"
         return f"in={self.in_features}, out={self.out_features}, {kind}"
-
-
-def use_triton(x: torch.Tensor, backend: str) -> bool:
-    """ "triton" forces the Triton kernels (the interpreter on CPU); "auto" uses them on CUDA."""
-    return backend == "triton" or (backend == "auto" and x.is_cuda)
 
 
 class RMSNorm(nn.Module):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import backend as kernel_backend
 from kernels.reference import rotate_half
 from server.transfer import to_device
 
@@ -291,7 +292,8 @@ class Qwen3VL(nn.Module):
 
     def set_backend(self, backend: str) -> None:
         """Kernels for linears, attention, norms and activations of the decoder:
-        "auto" (Triton on CUDA, plain torch elsewhere), "reference" or "triton"."""
+        "auto" (Triton on CUDA, plain torch elsewhere), "reference" or "triton" (kernels/backend.py)."""
+        kernel_backend.check(backend)
         for mod in self.modules():
             if isinstance(mod, (Linear, RMSNorm, DecoderLayer, VisionBlock)):
                 mod.backend = backend
