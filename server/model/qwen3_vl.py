@@ -291,8 +291,8 @@ class Qwen3VL(nn.Module):
         return self
 
     def set_backend(self, backend: str) -> None:
-        """Kernels for linears, attention, norms and activations of the decoder:
-        "auto" (Triton on CUDA, plain torch elsewhere), "reference" or "triton" (kernels/backend.py)."""
+        """Kernels for linears, attention, norms and activations of the decoder and the vision
+        blocks: "auto" (Triton on CUDA, plain torch elsewhere), "reference" or "triton" (kernels/backend.py)."""
         kernel_backend.check(backend)
         for mod in self.modules():
             if isinstance(mod, (Linear, RMSNorm, DecoderLayer, VisionBlock)):
