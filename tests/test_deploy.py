@@ -71,6 +71,7 @@ def metric_names() -> frozenset[str]:
         "gauge": [""],
         "counter": ["_total", "_created"],
         "histogram": ["_bucket", "_count", "_sum", "_created"],
+        "info": ["_info"],
     }
     names = set()
     for family in Metrics("m", 4096).registry.collect():
