@@ -504,7 +504,10 @@ def _split_locks(n: int, device: torch.device) -> torch.Tensor:
     if locks is None or locks.numel() < n:
         if locks is not None:
             _OLD_LOCKS.append(locks)
-        locks = _LOCKS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        # A normal tensor even when first asked for under inference_mode (an engine step): the
+        # kernel updates it in place, which an inference tensor refuses outside that mode.
+        with torch.inference_mode(False):
+            locks = _LOCKS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return locks
 
 

@@ -131,6 +131,24 @@ def test_split_merge_in_kernel_resets_its_tickets_and_a_stale_ticket_is_caught()
     attention._LOCKS[args[0].device].zero_()
 
 
+def test_ticket_counters_first_made_under_inference_mode_work_outside_it() -> None:
+    """The engine's first split launch runs under inference_mode; the counters it allocates must
+    still be usable by a later launch outside it (a test, a tuner): an inference tensor is not."""
+    specs = [(70, 1), (33, 1)]
+    args = make_batch(specs, 4, 2, 32, torch.float32, seed=7)
+    plan = attention.AttentionPlan(block_q=8, block_n=16, num_splits=3)
+    saved = attention._LOCKS.pop(args[0].device, None)
+    try:
+        with torch.inference_mode():
+            run_and_check(args, 0.2, True, plan)
+        assert not attention._LOCKS[args[0].device].is_inference()
+        run_and_check(args, 0.2, True, plan)
+        assert int(attention._LOCKS[args[0].device].abs().sum()) == 0
+    finally:
+        if saved is not None:
+            attention._LOCKS[args[0].device] = saved
+
+
 def test_per_step_integers_compile_no_new_variants() -> None:
     """Batch size, token count, query tiles and split count change from step to step; Triton
     would specialize ints (== 1, % 16) and compile a new variant mid-traffic. The interpreter
