@@ -40,7 +40,7 @@ COPY server ./server
 COPY kernels ./kernels
 # A regular (not editable) install: the runtime stage copies only /opt/venv, not /src.
 RUN pip install --no-cache-dir . \
-    && python -c "import server.__main__, kernels.qmatmul"
+    && python -c "import server.__main__, kernels.qmatmul_triton"
 
 # -- runtime ------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime

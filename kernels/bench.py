@@ -78,8 +78,8 @@ def copy_bandwidth(rep_ms: int) -> float:
 
 
 def bench_qmatmul(bits_list: list[int], shapes, ms_list: list[int], rep_ms: int, emit) -> list[dict]:
-    from kernels.qmatmul import candidates, m_bucket, tuner
-    from kernels.qmatmul import qmatmul as triton_qmatmul
+    from kernels.qmatmul_triton import candidates, m_bucket, tuner
+    from kernels.qmatmul_triton import qmatmul as triton_qmatmul
     from kernels.quant import QuantizedWeight
 
     rows: list[dict] = []
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows = bench_qmatmul(args.bits, shapes, M_QUICK if args.quick else M_FULL, rep, emit)
         report.save("qmatmul", rows)
-        from kernels.qmatmul import tuner
+        from kernels.qmatmul_triton import tuner
 
         report.save(
             "qmatmul_tuning",

@@ -13,7 +13,6 @@ checkpoint must be refused with a message naming the tensor, never served.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 
 import torch
@@ -501,7 +500,7 @@ def qmatmul(
 ) -> torch.Tensor:
     """``y = x @ W^T (+ bias)`` for ``x [..., K]`` of any float dtype; returns ``x.dtype`` ``[..., N]``.
 
-    ``backend``: "reference" (plain torch, kernels.reference), "triton" (kernels/qmatmul.py:
+    ``backend``: "reference" (plain torch, kernels.reference), "triton" (kernels/qmatmul_triton.py:
     CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; fp16/bf16/fp32), or "auto": Triton
     for CUDA tensors of those dtypes, the reference otherwise. Unknown names raise ValueError.
     """
@@ -509,9 +508,9 @@ def qmatmul(
     if x.shape[-1] != qw.in_features:
         raise ValueError(f"qmatmul: x has {x.shape[-1]} input features, weight expects {qw.in_features}")
     if kernel_backend.use_triton(x, backend):
-        # importlib, not `import kernels.qmatmul`: the package attribute `kernels.qmatmul` is this
-        # function (kernels/__init__ binds it after importing the submodule).
-        return importlib.import_module("kernels.qmatmul").qmatmul(x, qw, bias=bias)
+        from kernels import qmatmul_triton  # local import: it imports this module, and triton
+
+        return qmatmul_triton.qmatmul(x, qw, bias=bias)
     from kernels import reference  # local import: reference imports this module for typing only
 
     return reference.qmatmul(x, qw, bias=bias)

@@ -94,7 +94,7 @@ def test_per_request_m_compiles_no_new_variant() -> None:
     code = """
 import torch
 from kernels.build_check import Launch, specialization_key
-from kernels.qmatmul import Plan, launch_spec, dequant_spec
+from kernels.qmatmul_triton import Plan, launch_spec, dequant_spec
 from kernels.quant import QuantizedWeight
 meta = torch.device("meta")
 qw = QuantizedWeight(8, 128, 2048, 2048, torch.empty((2048, 2048), dtype=torch.int8, device=meta),

@@ -26,8 +26,8 @@ import pytest
 import kernels
 from kernels import QuantizedWeight, attention, bench, norms, reference
 from kernels import triton_utils as tu
-from kernels.qmatmul import candidates, dequantize
-from kernels.qmatmul import qmatmul as triton_qmatmul
+from kernels.qmatmul_triton import candidates, dequantize
+from kernels.qmatmul_triton import qmatmul as triton_qmatmul
 
 DRY_RUN = os.environ.get("GRACE_GPU_TESTS_DRY_RUN") == "1"
 DEVICE = "cpu" if DRY_RUN else "cuda"

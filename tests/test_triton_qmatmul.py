@@ -1,4 +1,4 @@
-"""Triton W8/W4 group-quantized matmul (kernels/qmatmul.py) against kernels.reference.
+"""Triton W8/W4 group-quantized matmul (kernels/qmatmul_triton.py) against kernels.reference.
 
 Runs on CPU under the Triton interpreter (small shapes that hit the edges: M in {1, 3, 16, 33},
 N not a multiple of any block, K spanning an odd number of groups, K not a multiple of 128) and,
@@ -14,7 +14,6 @@ TRITON_INTERPRET=1 before running pytest.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import os
 
@@ -26,12 +25,10 @@ if not torch.cuda.is_available():
 import pytest
 
 import kernels
-from kernels import QuantizedWeight, reference
+from kernels import QuantizedWeight, qmatmul_triton, reference
 from kernels import triton_utils as tu
-from kernels.qmatmul import GEMV_MAX_M, Plan, candidates, dequantize, m_bucket, run_plan
-from kernels.qmatmul import qmatmul as triton_qmatmul
-
-qmatmul_module = importlib.import_module("kernels.qmatmul")  # `kernels.qmatmul` is the function
+from kernels.qmatmul_triton import GEMV_MAX_M, Plan, candidates, dequantize, m_bucket, run_plan
+from kernels.qmatmul_triton import qmatmul as triton_qmatmul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -109,7 +106,7 @@ def test_every_plan_matches_reference(bits: int, dtype: torch.dtype, m: int) -> 
     bias = torch.randn(n, generator=gen).to(dtype).to(DEVICE) if m % 2 else None
     plans = forced_plans(m) + candidates(m, n, k, qw.group_size)[:1]
     if m <= GEMV_MAX_M:  # the GPU's decode plans (the interpreter's first candidate is its own)
-        plans += qmatmul_module._gemv_plans(m_bucket(m), n, k, bits)
+        plans += qmatmul_triton._gemv_plans(m_bucket(m), n, k, bits)
     for plan in plans:
         out = poisoned((m, n), dtype)
         y = triton_qmatmul(x, qw, bias=bias, plan=plan, out=out)
@@ -186,7 +183,7 @@ def test_run_plan_allocating_its_output() -> None:
 @pytest.mark.parametrize("interpret", [False, True])
 def test_candidates_are_valid(interpret: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # The GPU's candidate lists, and the interpreter's (one wide tile first: it pays per op).
-    monkeypatch.setattr(qmatmul_module, "INTERPRET", interpret)
+    monkeypatch.setattr(qmatmul_triton, "INTERPRET", interpret)
     for m in (1, 2, 3, 8, 9, 16, 33, 100, 256, 512, 2048, 8192, 20000):
         for n, k, g in ((4096, 2048, 128), (2048, 6144, 128), (40, 200, 200), (64, 320, 64)):
             cands = candidates(m, n, k, g)
@@ -194,11 +191,12 @@ def test_candidates_are_valid(interpret: bool, monkeypatch: pytest.MonkeyPatch) 
             first = cands[0].kind
             want = "gemv" if m <= 8 else "dequant" if m >= 2048 and not interpret else "gemm"
             assert first == want, (m, first)
+            assert interpret or qmatmul_triton.untuned_kind(m) == want, m
             for p in cands:
                 if p.kind != "dequant":
                     assert p.block_k >= 16 and 1 <= p.split_k <= math.ceil(k / p.block_k), p
                 if p.kind == "gemv":  # a K step is whole sub-blocks, each inside one group
-                    gk = qmatmul_module._group_k(p.block_k, k, g)
+                    gk = qmatmul_triton._group_k(p.block_k, k, g)
                     assert p.block_k % gk == 0 and (k // g == 1 or g % gk == 0), p
                     assert p.block_m == m_bucket(m) and m <= 8
                 if p.kind == "gemm":  # a K step inside one group

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernels import triton_utils, tuning_cache
-from kernels.qmatmul import Plan
+from kernels.qmatmul_triton import Plan
 from kernels.triton_utils import PlanTuner
 
 CUDA0 = torch.device("cuda", 0)
@@ -97,9 +97,8 @@ def test_file_name_follows_card_versions_and_kernel_source(tmp_path, monkeypatch
 def test_qmatmul_reuses_plans_across_tuner_instances_on_gpu() -> None:
     """On a GPU: qmatmul's first tuning loads the cache; a cleared tuner that persists again
     gets the same plan for the same shape without timing anything."""
-    from kernels import qmatmul as qm_module  # noqa: F401
     from kernels import quantize
-    from kernels.qmatmul import qmatmul, tuner
+    from kernels.qmatmul_triton import qmatmul, tuner
 
     w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
     qw = quantize(w, bits=8, group_size=128)

@@ -135,7 +135,7 @@ class DecodeGraphs:
         one's memory pool."""
         if not self.capture:
             return
-        from kernels.qmatmul import reserve_dequant_buffer
+        from kernels.qmatmul_triton import reserve_dequant_buffer
 
         t0 = time.perf_counter()
         self._pad(self.inputs, 0)

@@ -1,34 +1,12 @@
 """W8A16 / W4A16 group-quantized matmul in Triton: ``y = x @ W^T (+ bias)``.
 
 ``W [N, K] = code[n, k] * scales[n, k // G]`` (symmetric, no zero point; see
-:class:`kernels.quant.QuantizedWeight`). x is fp16 / bf16 (fp32 for tests and CPU models);
-accumulation is always fp32. Three ways to compute it, picked per (shape, M bucket):
-
-- ``gemv``: M <= 8 (decode). CUDA-core dot products; each program streams BLOCK_N rows of W
-  once for all M rows of x. Decode is weight-bandwidth bound, so the only goal is to keep
-  enough bytes in flight: a K step spans many groups (a vector of scales per row per step),
-  loaded with 16-byte cp.async copies and software-pipelined through shared memory
-  (``tl.range(num_stages=...)``); optional split-K (fp32 atomics). See ``_gemv_plans``.
-- ``gemm``: tl.dot tiles with grouped ordering; a K step stays inside one group (BLOCK_K
-  divides G). Small M tiles: codes are converted to the activation dtype exactly (|code| <= 128
-  fits fp16/bf16) and the group scale multiplies each step's [BM, BN] partial product. Large M
-  tiles (BM >= BK, bf16): the [BN, BK] weights are scaled before the dot instead (fewer products,
-  and the MMA accumulates in place, which saves a tile of registers).
-- ``dequant``: large M (prefill): dequantize into a reused activation-dtype buffer, then cuBLAS.
-  Compute bound, so the one extra pass over W (~1x its bf16 size) is amortized over M.
-
-Layout: QuantizedWeight's, read as stored (no repacking, no second copy in memory). Rows are
-K-contiguous, so a [BLOCK_N, BLOCK_K] tile is BLOCK_N runs of BLOCK_K bytes (8-bit) or
-BLOCK_K/2 bytes (4-bit, low nibble = even k): coalesced and vectorizable as is. The 4-bit
-tile is unpacked into even/odd codes and re-interleaved in registers.
-
-Autotuning: :func:`candidates` lists a few curated plans per M bucket, best guess first;
-``PlanTuner`` times them once per (bits, N, K, G, M bucket, dtype, bias) on the GPU (CUDA-graph
-timing) and caches the winner in memory. Under TRITON_INTERPRET=1 the first candidate runs (an
-interpreter-only wide tile: the interpreter pays per operation, not per byte). Warm every M
-bucket up before CUDA-graph capture: inside a capture nothing is timed and the first candidate
-runs. Every candidate at the real shapes compiles for sm_90 in bf16 and fp16 without register
-spills (``python -m kernels.build_check``, in CI; the fp32 test path is not checked).
+:class:`kernels.quant.QuantizedWeight`), read in QuantizedWeight's layout as stored (see
+``_load_codes``). x is fp16 / bf16 (fp32 for tests and CPU models); accumulation is always fp32.
+Three kernel kinds, each explained at its kernel: ``gemv`` (decode), ``gemm`` (tl.dot tiles),
+``dequant`` (dequantize, then cuBLAS). :func:`untuned_kind` is the rule that picks one by M when
+nothing is timed; :data:`tuner` times the curated :func:`candidates` on a GPU. Reached through
+``kernels.qmatmul(..., backend=...)`` (kernels/quant.py), or directly as :func:`qmatmul`.
 """
 
 from __future__ import annotations
@@ -79,7 +57,12 @@ def _load_codes(
     EVEN_K: tl.constexpr,
 ):
     """Signed codes of ``W[offs_n, k0 : k0 + BLOCK_K]`` as an integer tile [BLOCK_N, BLOCK_K]
-    (0 outside W)."""
+    (0 outside W).
+
+    QuantizedWeight's layout is read as stored (no repacking, no second copy in memory): rows
+    are K-contiguous, so the tile is BLOCK_N runs of BLOCK_K bytes (8-bit) or BLOCK_K/2 bytes
+    (4-bit, low nibble = even k), coalesced and vectorizable as is. The 4-bit tile is unpacked
+    into even/odd codes and re-interleaved in registers."""
     if BITS == 8:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = offs_n[:, None] < N
@@ -131,10 +114,15 @@ def _gemv_kernel(
     GROUP_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    """Small M: program (n-block, k-split) computes y[:, n-block] over K steps
-    [pid_k * per_split, min(n_iters, (pid_k + 1) * per_split)). A K step may span several
-    groups: it is BLOCK_K // GROUP_K sub-blocks of GROUP_K columns, each inside one group, so
-    a step reads one vector of scales per row."""
+    """M <= GEMV_MAX_M (decode): CUDA-core dot products; program (n-block, k-split) streams
+    BLOCK_N rows of W once for all M rows of x and computes y[:, n-block] over K steps
+    [pid_k * per_split, min(n_iters, (pid_k + 1) * per_split)).
+
+    Decode is weight-bandwidth bound, so the only goal is to keep enough bytes in flight (plans:
+    ``_gemv_plans``): a K step spans many groups, loaded with 16-byte cp.async copies and
+    software-pipelined through shared memory (``tl.range(num_stages=...)``); optional split-K
+    (fp32 atomics). A step is BLOCK_K // GROUP_K sub-blocks of GROUP_K columns, each inside one
+    group, so it reads one vector of scales per row."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -211,7 +199,11 @@ def _gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """Tiled tl.dot GEMM over integer codes; the group scale multiplies each step's partial."""
+    """Tiled tl.dot GEMM with grouped ordering; a K step stays inside one group (BLOCK_K divides
+    G). Small M tiles: codes are converted to the activation dtype exactly (|code| <= 128 fits
+    fp16/bf16) and the group scale multiplies each step's [BM, BN] partial product. Large M tiles
+    (PRESCALE: BM >= BK, bf16): the [BN, BK] weights are scaled before the dot instead (fewer
+    products, and the MMA accumulates in place, which saves a tile of registers)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Grouped ordering: GROUP_M row-tiles share each weight column-tile while it is in L2.
@@ -244,9 +236,7 @@ def _gemm_kernel(
         if DOT_FP32:  # fp32 activations, or bf16 in the interpreter (its bf16 dot is wrong)
             w = codes.to(tl.float32) * s[:, None]
             acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
-        elif PRESCALE:
-            # Large M tiles: scale the [BN, BK] weights (fewer products than the [BM, BN] partial)
-            # and let the MMA accumulate in place; W * s is rounded to bf16 like a bf16 weight.
+        elif PRESCALE:  # W * s is rounded to bf16 like a bf16 weight
             w = (codes.to(tl.float32) * s[:, None]).to(x.dtype)
             acc = tl.dot(x, tl.trans(w), acc)
         else:  # codes are exact in fp16/bf16: integer-exact products, scaled in fp32
@@ -280,7 +270,10 @@ def _dequant_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``out[n, k] = code[n, k] * scales[n, k // G]`` in out's dtype (any G: per-element scale index)."""
+    """``out[n, k] = code[n, k] * scales[n, k // G]`` in out's dtype (any G: per-element scale
+    index). The ``dequant`` plan (large M, prefill) runs it into a reused activation-dtype buffer,
+    then cuBLAS: compute bound, so the one extra pass over W (~1x its bf16 size) is amortized
+    over M."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -357,9 +350,10 @@ _GEMM_CONFIGS: dict[int, list[tuple[int, int, int, int, int, int]]] = {
     # (128, 256, 64) and (128, 128, 128) spilled registers for fp16 on sm_90 (kernels.build_check)
     256: [(128, 128, 64, 8, 3, 1), (64, 256, 64, 8, 3, 1)],
 }
-GEMV_MAX_M = 8
+GEMV_MAX_M = 8  # gemv plans up to here (one K-reduction per row per step: decode-sized M)
+GEMM_MIN_M = 5  # gemm plans from here on (M 5..8: both kinds, for the tuner)
 DEQUANT_MIN_M = 256  # the cuBLAS path is a candidate from here on
-DEQUANT_FIRST_M = 2048  # ... and the untuned default from here on
+DEQUANT_FIRST_M = 2048  # ... and the untuned choice from here on
 _DEQUANT_PLAN = Plan("dequant", block_n=32, block_k=128, num_warps=4, num_stages=1)
 
 
@@ -394,17 +388,30 @@ def _group_k(block_k: int, k: int, g: int) -> int:
     return block_k if k // g <= 1 else min(block_k, g & -g)
 
 
-def candidates(m: int, n: int, k: int, g: int, bits: int = 8) -> list[Plan]:
-    """Curated plans for this shape, best guess first (that one runs when nothing is timed)."""
-    raw: list[Plan] = []
-    bucket = m_bucket(m)
+def untuned_kind(m: int) -> str:
+    """The kernel kind to run for M rows when nothing is timed: the kind of the first candidate
+    (on the GPU; the interpreter puts its own wide tile first, see :func:`candidates`)."""
     if m <= GEMV_MAX_M:
-        raw.extend(_gemv_plans(bucket, n, k, bits))
-    if m > 4:
-        for bm, bn, bk, w, st, sk in _GEMM_CONFIGS[min(max(bucket, 16), 256)]:
-            raw.append(Plan("gemm", bm, bn, bk, sk, w, st))
+        return "gemv"  # decode: weight-bandwidth bound
+    if m < DEQUANT_FIRST_M:
+        return "gemm"
+    return "dequant"  # prefill: compute bound, the extra pass over W is amortized over M
+
+
+def candidates(m: int, n: int, k: int, g: int, bits: int = 8) -> list[Plan]:
+    """Curated plans for this shape: the :func:`untuned_kind`'s plans, best guess first (that one
+    runs when nothing is timed), then the other kinds that can serve this M, for the tuner. If
+    no plan of the untuned kind fits the weight (a group size no K step divides), the next does."""
+    bucket = m_bucket(m)
+    by_kind: dict[str, list[Plan]] = {"gemv": [], "gemm": [], "dequant": []}
+    if m <= GEMV_MAX_M:
+        by_kind["gemv"] = _gemv_plans(bucket, n, k, bits)
+    if m >= GEMM_MIN_M:
+        configs = _GEMM_CONFIGS[min(max(bucket, 16), 256)]
+        by_kind["gemm"] = [Plan("gemm", bm, bn, bk, sk, w, st) for bm, bn, bk, w, st, sk in configs]
     if m >= DEQUANT_MIN_M:
-        raw.insert(0 if m >= DEQUANT_FIRST_M else len(raw), _DEQUANT_PLAN)
+        by_kind["dequant"] = [_DEQUANT_PLAN]
+    raw = by_kind.pop(untuned_kind(m)) + [p for plans in by_kind.values() for p in plans]
     if INTERPRET:
         # The interpreter pays per operation, not per byte: one wide tile beats many small ones
         # (the small-tile plans still run when forced, as the tests do).
@@ -423,6 +430,10 @@ def candidates(m: int, n: int, k: int, g: int, bits: int = 8) -> list[Plan]:
     return out[:limit]
 
 
+# Autotuning (on a GPU, see :func:`qmatmul`): the tuner times every candidate once per (bits, N,
+# K, G, M bucket, dtype, bias, device) with CUDA-graph timing and keeps the winner in memory and
+# on disk (kernels/tuning_cache.py). Warm every M bucket up before CUDA-graph capture: inside a
+# capture nothing is timed and the first candidate runs. "qmatmul" names the on-disk cache.
 tuner = PlanTuner("qmatmul")
 # what a stored plan's validity and speed depend on, besides card and versions
 _SOURCES = (Path(__file__), Path(__file__).with_name("quant.py"))
@@ -652,7 +663,9 @@ def qmatmul(
 
 def aot_launches(dims, dtype: torch.dtype):  # (kernels.build_check.ModelDims, dtype) -> Launch
     """Every launch the dispatcher can make at the model's decoder shapes (W8 and W4, every M
-    bucket, every candidate plan), on meta tensors: what kernels.build_check compiles."""
+    bucket, every candidate plan), on meta tensors: what kernels.build_check compiles (in CI).
+    Every one compiles for sm_90 in bf16 and fp16 without register spills; the fp32 test path
+    is not checked."""
     from kernels.build_check import Launch
 
     meta = torch.device("meta")
