@@ -98,6 +98,12 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("gpu_memory_utilization", float, "fraction of GPU memory the engine may use"),
     _Flag("cpu_kv_cache_gb", float, "CPU KV cache size in GiB (default: a share of the RAM free after load)"),
     _Flag("quantization", str, "quantize a bf16 checkpoint at load", choices=("w8g128", "w4g128", "none")),
+    _Flag(
+        "quantize_lm_head",
+        None,
+        "compute logits with a W8G128 round-to-nearest copy of the lm_head (half its bytes per decode "
+        "step; changes the logits: the checkpoint's head is bf16)",
+    ),
     _Flag("dtype", str, "activation dtype", choices=("bfloat16", "float16", "float32")),
     _Flag("device", str, "cuda or cpu (default: cuda when available)"),
     _Flag("enable_prefix_caching", None, "reuse KV blocks of shared prompt prefixes"),

@@ -14,6 +14,7 @@ class EngineArgs:
     device: str | None = None
     dtype: str | None = None
     quantization: str | None = None
+    quantize_lm_head: bool = False  # logits from a W8G128 copy of the head (server/model/lm_head.py)
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048

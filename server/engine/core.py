@@ -107,7 +107,9 @@ class EngineCore:
         if model is None:
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
             dtype = getattr(torch, args.dtype) if args.dtype else None
-            loaded = load_model(args.model, device=device, dtype=dtype, quantization=args.quantization)
+            loaded = load_model(
+                args.model, device, dtype, args.quantization, quantize_lm_head=args.quantize_lm_head
+            )
             model = loaded.model
             image_settings = _image_settings(loaded.path)
             self.tokenizer_path: Path | None = Path(loaded.path) / "tokenizer.json"

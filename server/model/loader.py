@@ -215,6 +215,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     quantization: str | None = None,
     revision: str | None = None,
+    quantize_lm_head: bool = False,
 ) -> LoadedModel:
     """Load any supported checkpoint into our Qwen3VL on `device`.
 
@@ -222,6 +223,7 @@ def load_model(
     big models on CPU, float32 for small ones such as the demo).
     quantization: for checkpoints without GRACE scales, "w8g128"/"w4g128" quantizes at load
     (round-to-nearest, not the QAT scales); None/"none" serves them dense.
+    quantize_lm_head: logits from a W8G128 round-to-nearest copy of the head (server/model/lm_head.py).
     """
     path = resolve_model_path(str(model), revision)
     cfg_file = path / "config.json"
@@ -352,6 +354,12 @@ def load_model(
     assert not pending, pending  # every fused part arrived (all wanted names were seen)
 
     _install(net, params, expected, device, dtype)
+    if quantize_lm_head:
+        net.quantize_lm_head()
+        log.warning(
+            "lm_head quantized at load to w8g128 (round-to-nearest; changes the logits): %.1f MB",
+            net.quantized_head.nbytes / 1e6,  # type: ignore[union-attr]
+        )
     quant = "none"
     if sidecar is not None:
         quant = f"w{config.qat.bits}g{config.qat.group_size}"  # type: ignore[union-attr]

@@ -25,6 +25,7 @@ from .layers import (
     silu_and_mul,
     use_triton,
 )
+from .lm_head import QuantizedHead
 from .model_config import ModelConfig, TextConfig, VisionConfig
 
 # ---------------------------------------------------------------------------------------
@@ -272,7 +273,9 @@ class Qwen3VL(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(t) for _ in range(t.num_hidden_layers)])
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.rotary = MRotaryEmbedding(t.head_dim, t.rope_theta, t.mrope_section, t.mrope_interleaved)
-        self.lm_head: nn.Parameter | None = None  # None when tied to embed_tokens
+        self.lm_head: nn.Parameter | None = None  # None when tied to embed_tokens (or quantized)
+        self.quantized_head: QuantizedHead | None = None  # --quantize-lm-head: see quantize_lm_head
+        self.backend = "auto"  # the logits' kernels (the layers keep their own)
         self.visual = VisionTower(cfg.vision)
 
     def init_buffers(self) -> None:
@@ -288,12 +291,15 @@ class Qwen3VL(nn.Module):
         for lin in self.linears():
             if lin.qweight is not None:
                 lin.qweight = lin.qweight.to(device)
+        if self.quantized_head is not None:
+            self.quantized_head = self.quantized_head.to(device)
         return self
 
     def set_backend(self, backend: str) -> None:
         """Kernels for linears, attention, norms and activations of the decoder and the vision
         blocks: "auto" (Triton on CUDA, plain torch elsewhere), "reference" or "triton" (kernels/backend.py)."""
         kernel_backend.check(backend)
+        self.backend = backend
         for mod in self.modules():
             if isinstance(mod, (Linear, RMSNorm, DecoderLayer, VisionBlock)):
                 mod.backend = backend
@@ -308,6 +314,19 @@ class Qwen3VL(nn.Module):
         for lin in self.linears():
             if lin.qweight is not None:
                 lin.set_dense(lin.qweight.dequantize(self.dtype))
+        if self.quantized_head is not None:  # a dense copy of the W8 head's values, beside the embedding
+            self.lm_head = nn.Parameter(
+                self.quantized_head.weight.dequantize(self.dtype), requires_grad=False
+            )
+            self.quantized_head = None
+        release_freed_memory()
+
+    def quantize_lm_head(self) -> None:
+        """Compute logits with a W8G128 round-to-nearest copy of the head (server/model/lm_head.py);
+        the embedding lookup keeps its table. An untied dense head is dropped."""
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head
+        self.quantized_head = QuantizedHead.from_dense(head.detach())
+        self.lm_head = None
         release_freed_memory()
 
     @property
@@ -346,6 +365,8 @@ class Qwen3VL(nn.Module):
         return self.norm.add(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.quantized_head is not None:
+            return self.quantized_head.logits(hidden, self.backend)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head
         return F.linear(hidden, weight).float()
 
