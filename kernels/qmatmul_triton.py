@@ -662,30 +662,31 @@ def qmatmul(
 
 
 def aot_launches(dims, dtype: torch.dtype):  # (kernels.build_check.ModelDims, dtype) -> Launch
-    """Every launch the dispatcher can make at the model's decoder shapes (W8 and W4, every M
-    bucket, every candidate plan), on meta tensors: what kernels.build_check compiles (in CI).
-    Every one compiles for sm_90 in bf16 and fp16 without register spills; the fp32 test path
-    is not checked."""
+    """Every launch the dispatcher can make at the model's shapes (the decoder linears in W8 and
+    W4, the W8 lm_head of --quantize-lm-head; every M bucket, every candidate plan), on meta
+    tensors: what kernels.build_check compiles (in CI). Every one compiles for sm_90 in bf16 and
+    fp16 without register spills; the fp32 test path is not checked."""
     from kernels.build_check import Launch
 
     meta = torch.device("meta")
     g = dims.group_size
-    for name, n, k in dims.decoder_linears():
-        for bits in (8, 4):
-            codes = torch.empty((n, k), dtype=torch.int8, device=meta)
-            if bits == 4:
-                codes = torch.empty((n, k // 2), dtype=torch.uint8, device=meta)
-            scales = torch.empty((n, k // g), dtype=torch.float32, device=meta)
-            qw = QuantizedWeight(bits, g, n, k, codes, scales)
-            for m in (2**i for i in range(m_bucket(1 << 30).bit_length())):
-                x2 = torch.empty((m, k), dtype=dtype, device=meta)
-                for i, plan in enumerate(candidates(m, n, k, g, bits)):
-                    label = f"{name} {n}x{k} W{bits} M{m} #{i} {plan}"  # #0: the untuned choice
-                    if plan.kind == "dequant":
-                        w = torch.empty((n, k), dtype=dtype, device=meta)
-                        kernel, _, args, kwargs = dequant_spec(qw, w)
-                    else:
-                        y_dtype = torch.float32 if plan.split_k > 1 else dtype
-                        y = torch.empty((m, n), dtype=y_dtype, device=meta)
-                        kernel, _, args, kwargs = launch_spec(plan, x2, qw, None, y)
-                    yield Launch(label, kernel, args, kwargs)
+    shapes = [(name, n, k, bits) for name, n, k in dims.decoder_linears() for bits in (8, 4)]
+    shapes.append(("lm_head", dims.vocab, dims.hidden, 8))  # its binaries are qkv's (same tiles)
+    for name, n, k, bits in shapes:
+        codes = torch.empty((n, k), dtype=torch.int8, device=meta)
+        if bits == 4:
+            codes = torch.empty((n, k // 2), dtype=torch.uint8, device=meta)
+        scales = torch.empty((n, k // g), dtype=torch.float32, device=meta)
+        qw = QuantizedWeight(bits, g, n, k, codes, scales)
+        for m in (2**i for i in range(m_bucket(1 << 30).bit_length())):
+            x2 = torch.empty((m, k), dtype=dtype, device=meta)
+            for i, plan in enumerate(candidates(m, n, k, g, bits)):
+                label = f"{name} {n}x{k} W{bits} M{m} #{i} {plan}"  # #0: the untuned choice
+                if plan.kind == "dequant":
+                    w = torch.empty((n, k), dtype=dtype, device=meta)
+                    kernel, _, args, kwargs = dequant_spec(qw, w)
+                else:
+                    y_dtype = torch.float32 if plan.split_k > 1 else dtype
+                    y = torch.empty((m, n), dtype=y_dtype, device=meta)
+                    kernel, _, args, kwargs = launch_spec(plan, x2, qw, None, y)
+                yield Launch(label, kernel, args, kwargs)
