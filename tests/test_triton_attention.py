@@ -7,7 +7,6 @@ missed write or a write to the wrong slot fails.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -15,7 +14,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import paged_batches
 import pytest
+from paged_batches import BLOCK, SPECS, TOL, rel_err
 
 from kernels import attention, reference
 from kernels import triton_utils as tu
@@ -25,50 +26,10 @@ pytestmark = pytest.mark.skipif(
     DEVICE == "cpu" and not tu.INTERPRET,
     reason="Triton kernels need a GPU or TRITON_INTERPRET=1 before `import kernels`",
 )
-TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-BLOCK = 16
 
 
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-
-
-def make_batch(specs, h_q, h_kv, d, dtype, seed, pad_rows=0, num_blocks=None):
-    """specs: (context_len, q_len) per sequence. K/V of every context token written through the
-    reference writer into a NaN-poisoned cache of shuffled blocks; tables padded with -1."""
-    gen = torch.Generator().manual_seed(seed)
-    need = sum(math.ceil(c / BLOCK) for c, _ in specs)
-    num_blocks = num_blocks or need + 3
-    k_cache = torch.full((num_blocks, BLOCK, h_kv, d), float("nan"), dtype=dtype)
-    v_cache = torch.full((num_blocks, BLOCK, h_kv, d), float("nan"), dtype=dtype)
-    free = torch.randperm(num_blocks, generator=gen).tolist()
-    max_blocks = max(math.ceil(c / BLOCK) for c, _ in specs) + 1
-    tables = torch.full((len(specs), max_blocks), -1, dtype=torch.int32)
-    keys, values, queries, slots = [], [], [], []
-    for b, (ctx, q_len) in enumerate(specs):
-        blocks = [free.pop() for _ in range(math.ceil(ctx / BLOCK))]
-        tables[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        keys.append(torch.randn(ctx, h_kv, d, generator=gen).to(dtype))
-        values.append(torch.randn(ctx, h_kv, d, generator=gen).to(dtype))
-        queries.append(torch.randn(q_len, h_q, d, generator=gen).to(dtype))
-        pos = torch.arange(ctx)
-        slots.append(torch.tensor(blocks, dtype=torch.int64)[pos // BLOCK] * BLOCK + pos % BLOCK)
-    reference.write_kv_cache(torch.cat(keys), torch.cat(values), k_cache, v_cache, torch.cat(slots))
-    query = torch.cat([*queries, torch.randn(pad_rows, h_q, d, generator=gen).to(dtype)])
-    qsl = torch.tensor([0, *torch.tensor([q for _, q in specs]).cumsum(0).tolist()], dtype=torch.int32)
-    seq_lens = torch.tensor([c for c, _ in specs], dtype=torch.int32)
-    return [t.to(DEVICE) for t in (query, k_cache, v_cache, tables, seq_lens, qsl)]
-
-
-SPECS = [
-    (37, 37),  # prefill, no prefix, partial last block
-    (16, 16),  # exactly one block
-    (70, 1),  # decode
-    (50, 13),  # prefill over a cached prefix of 37
-    (1, 1),  # first token
-    (129, 1),  # decode, many blocks
-    (96, 40),  # chunked prefill ending on a block boundary
-]
+def make_batch(*args, **kwargs):
+    return paged_batches.make_batch(*args, device=DEVICE, **kwargs)
 
 
 def run_and_check(args, scale, causal, plan=None, max_query_len=None) -> None:

@@ -168,12 +168,15 @@ def attention(
     """The attention call-site of the decoder, from the fused qkv projection: q/k RMSNorm,
     M-RoPE, this step's K/V written to the cache, then attention over the whole cached
     context of each sequence (prefill, prefill with a cached prefix, decode). On Triton a
-    decode step is one kernel, other steps two; the reference path runs the torch twins."""
+    decode step is one kernel, other steps two; the plain-torch path runs the reference twins,
+    with attention as batched SDPA (kernels/torch_attention.py)."""
     k_cache, v_cache = kv_cache
     norms = (qkv, q_norm.weight, k_norm.weight, q_norm.eps, cos, sin, k_cache, v_cache, meta.slot_mapping)
     if not use_triton(qkv, backend):
+        from kernels import torch_attention
+
         q = ref.qk_norm_rope_kv(*norms, num_heads)
-        return ref.paged_attention(
+        return torch_attention.paged_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale
         )
     from kernels import attention as kernel

@@ -1,0 +1,99 @@
+"""Paged attention in plain torch for the CPU path: the same contract as
+``reference.paged_attention`` (its oracle), built on torch's fused SDPA.
+
+The reference gathers, upcasts and repeats each sequence's keys per query head and runs five
+ops per sequence; on CPU every op is a parallel region whose barrier waits on the slowest
+thread, so that is where a decode step went (45 % of a real-shape batch-1 step, 88 % of a demo
+server under load). Here all decode rows (one query token each) run as one batched SDPA call
+over a gathered, padded context, and a prefill chunk as one call: a handful of ops per layer.
+
+GQA without repeating K/V: the query heads of one KV head are laid out as extra query rows of
+that head (rows ordered group-major, then token), so SDPA sees ``H_kv`` heads with
+``group * q_len`` rows each; a boolean mask carries the padding and the causal limit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    causal: bool = True,
+) -> torch.Tensor:
+    """``reference.paged_attention``'s arguments and result (``[T, H_q, D]``, padding rows zero).
+    The lengths are read on the host (``tolist``): the CPU path, or a GPU that fell back here."""
+    h_q, d = query.shape[1:]
+    block_size, h_kv = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[3] != d or h_q % h_kv:
+        raise ValueError(f"query [.., {h_q}, {d}] incompatible with cache {list(k_cache.shape)}")
+    qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
+    if len(qsl) != len(lens) + 1:
+        raise ValueError(f"query_start_loc needs B+1={len(lens) + 1} entries, got {len(qsl)}")
+    q_lens = [qsl[b + 1] - qsl[b] for b in range(len(lens))]
+    for b, (q_len, seq_len) in enumerate(zip(q_lens, lens)):
+        if q_len > seq_len or -(-seq_len // block_size) > block_tables.shape[1]:
+            raise ValueError(
+                f"sequence {b}: {q_len} query tokens, seq_len {seq_len}, table {block_tables.shape}"
+            )
+
+    out = torch.zeros_like(query)
+    decode = [b for b, q_len in enumerate(q_lens) if q_len == 1]
+    if decode:
+        _decode(query, k_cache, v_cache, block_tables, lens, qsl, decode, scale, out)
+    for b, q_len in enumerate(q_lens):
+        if q_len > 1:
+            _chunk(query, k_cache, v_cache, block_tables[b], lens[b], qsl[b], q_len, scale, causal, out)
+    return out
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[..., n_blocks] block ids -> [..., H_kv, seq_len, D] in position order."""
+    x = cache[blocks.clamp(min=0)]  # [..., n_blocks, block_size, H_kv, D]; -1 (no block) is masked
+    x = x.flatten(-4, -3)[..., :seq_len, :, :]
+    return x.transpose(-3, -2)
+
+
+def _decode(query, k_cache, v_cache, block_tables, lens, qsl, rows, scale, out) -> None:
+    """All one-token sequences at once: [B, H_kv, group, D] queries over a padded context."""
+    h_kv, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = query.shape[1] // h_kv
+    longest = max(lens[b] for b in rows)
+    dev = query.device
+    index = torch.tensor(rows, device=dev)
+    tokens = torch.tensor([qsl[b] for b in rows], device=dev)
+    blocks = block_tables[index, : -(-longest // block_size)].long()
+    valid = torch.arange(longest, device=dev) < torch.tensor([lens[b] for b in rows], device=dev)[:, None]
+    # Slots past a shorter sequence's end hold anything (another sequence's data, NaN): zero
+    # them, since a masked score still multiplies its V row by 0 (NaN * 0 = NaN).
+    pad = ~valid[:, None, :, None]
+    k = _gather(k_cache, blocks, longest).to(query.dtype).masked_fill_(pad, 0)  # [B, H_kv, S, D]
+    v = _gather(v_cache, blocks, longest).to(query.dtype).masked_fill_(pad, 0)
+    q = query[tokens].view(len(rows), h_kv, group, -1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scale)
+    out[tokens] = y.reshape(len(rows), -1, query.shape[2])
+
+
+def _chunk(query, k_cache, v_cache, table, seq_len, start, q_len, scale, causal, out) -> None:
+    """One sequence's q_len > 1 new tokens (a prefill chunk, maybe over a cached prefix)."""
+    h_kv, block_size = k_cache.shape[2], k_cache.shape[1]
+    h_q, d = query.shape[1], query.shape[2]
+    group = h_q // h_kv
+    blocks = table[: -(-seq_len // block_size)].long()
+    k = _gather(k_cache, blocks, seq_len).to(query.dtype)  # [H_kv, S, D]
+    v = _gather(v_cache, blocks, seq_len).to(query.dtype)
+    # [q_len, H_q, D] -> [H_kv, group * q_len, D], rows group-major then token
+    q = query[start : start + q_len].view(q_len, h_kv, group, d).permute(1, 2, 0, 3).reshape(h_kv, -1, d)
+    mask = None
+    if causal:
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device).repeat(group)  # each row's
+        mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [H_kv, group*q_len, D]
+    out[start : start + q_len] = y.view(h_kv, group, q_len, d).permute(2, 0, 1, 3).reshape(q_len, h_q, d)
