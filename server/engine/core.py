@@ -34,10 +34,11 @@ from .memory import (
     largest_image_grid,
     profile_memory,
 )
-from .runner import ChunkFault, ModelRunner, PendingTokens, SequenceData
+from .runner import ChunkFault, ModelRunner
 from .sampler import PendingSample, SamplingInput, TokenCounts, sample_async
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput, Sequence, Status
+from .sequence import PendingTokens, SequenceData
 from .structured import CompiledGrammar, GrammarCompiler, GrammarState, StructuredOutput
 
 _T = TypeVar("_T")

@@ -15,8 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .kv_cache import BlockManager, BlockSpans
-from .runner import ScheduledChunk, SequenceData
 from .sampling_params import SamplingParams
+from .sequence import ScheduledChunk, SequenceData
 from .structured import GrammarState
 
 
