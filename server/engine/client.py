@@ -30,6 +30,7 @@ from server.model.model_config import ModelConfig
 from server.model.processor import Processor, PromptInputs
 
 from .core import EngineArgs, EngineOutput, EngineRequest, EngineStats
+from .messages import FinishReason
 from .outputs import Logprob, SequenceTracker
 from .sampling_params import SamplingParams
 
@@ -60,7 +61,7 @@ class SequenceDelta:
     text: str
     token_ids: list[int]
     logprobs: list[Logprob] | None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
 
 
@@ -154,7 +155,9 @@ def engine_main(
                 except Exception as e:  # a fault in this request's own inputs: only it fails
                     log.exception("request %s could not be added", rid)
                     core.abort_request(rid)  # in case part of it was registered
-                    outputs.append(EngineOutput(rid, 0, [], finish_reason="error", error=_brief(e)))
+                    outputs.append(
+                        EngineOutput(rid, 0, [], finish_reason=FinishReason.ERROR, error=_brief(e))
+                    )
             elif cmd == "abort":
                 outputs += core.abort_request(payload[0])
             elif cmd == "finish_seq":
@@ -387,7 +390,7 @@ class AsyncEngine:
                 p.queue.put_nowait(EngineRequestError(message))
         for out in outputs:
             if out.finish_reason is not None:
-                self._release(out.request_id, None if out.finish_reason == "error" else out.index)
+                self._release(out.request_id, None if out.finish_reason == FinishReason.ERROR else out.index)
             p = self._pending.get(out.request_id)
             if p is not None:
                 p.queue.put_nowait(out)
@@ -428,7 +431,7 @@ class AsyncEngine:
                 for out in batch:
                     if isinstance(out, Exception):
                         raise out
-                    if out.finish_reason == "error":
+                    if out.finish_reason == FinishReason.ERROR:
                         raise EngineRequestFailed(out.error or "the engine failed this request")
                     t = trackers[out.index]
                     if out.num_prompt_tokens:

@@ -34,6 +34,7 @@ from .memory import (
     largest_image_grid,
     profile_memory,
 )
+from .messages import FinishReason
 from .runner import ChunkFault, ModelRunner
 from .sampler import PendingSample, SamplingInput, TokenCounts, sample_async
 from .sampling_params import SamplingParams
@@ -63,9 +64,9 @@ class EngineOutput:
     index: int
     new_token_ids: list[int]
     new_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
-    error: str | None = None  # finish_reason "error": what failed (this request only)
+    error: str | None = None  # finish_reason ERROR: what failed (this request only)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     queue_time: float | None = None  # seconds waiting before first scheduled
@@ -364,15 +365,17 @@ class EngineCore:
         return outputs
 
     def abort_request(self, request_id: str) -> list[EngineOutput]:
-        return self._end_request(request_id, "abort")
+        return self._end_request(request_id, FinishReason.ABORT)
 
     def fail_request(self, request_id: str, error: str) -> list[EngineOutput]:
         """A fault attributable to this request alone: end it (all its siblings) with an
         error and free its blocks; every other request keeps running."""
         log.error("request %s failed in the engine and was ended: %s", request_id, error)
-        return self._end_request(request_id, "error", error)
+        return self._end_request(request_id, FinishReason.ERROR, error)
 
-    def _end_request(self, request_id: str, reason: str, error: str | None = None) -> list[EngineOutput]:
+    def _end_request(
+        self, request_id: str, reason: FinishReason, error: str | None = None
+    ) -> list[EngineOutput]:
         seqs = self.requests.pop(request_id, None)
         self.eos.pop(request_id, None)
         self._compiling.pop(request_id, None)
@@ -383,7 +386,7 @@ class EngineCore:
                 outs.append(EngineOutput(request_id, seq.index, [], finish_reason=reason, error=error))
         return outs
 
-    def finish_sequence(self, request_id: str, index: int, reason: str = "stop") -> None:
+    def finish_sequence(self, request_id: str, index: int, reason: FinishReason = FinishReason.STOP) -> None:
         """End one sequence early (the API side matched a stop string); frees its blocks."""
         seqs = self.requests.get(request_id, [])
         for seq in seqs:
@@ -528,7 +531,8 @@ class EngineCore:
                 out.first_token_latency = now - seq.arrival_time
             reason = self._finish_reason(seq, tok)
             if reason is None and seq.grammar is not None and seq.grammar.ended_by(tok):
-                reason = ("stop", None)  # the grammar is complete: EOS ends it even with ignore_eos
+                # the grammar is complete: EOS ends it even with ignore_eos
+                reason = (FinishReason.STOP, None)
             if reason is not None:
                 out.finish_reason, out.stop_reason = reason
                 self.scheduler.finish(seq, *reason)
@@ -538,14 +542,14 @@ class EngineCore:
             outputs.append(out)
         return outputs
 
-    def _finish_reason(self, seq: Sequence, tok: int) -> tuple[str, int | str | None] | None:
+    def _finish_reason(self, seq: Sequence, tok: int) -> tuple[FinishReason, int | str | None] | None:
         stops = self.eos.get(seq.request_id, frozenset())
         if tok in stops:
-            return "stop", (tok if tok in seq.params.stop_token_ids else None)
+            return FinishReason.STOP, (tok if tok in seq.params.stop_token_ids else None)
         n_out = seq.data.num_output_tokens
         max_tokens = seq.params.max_tokens or (self.max_model_len - seq.num_prompt)
         if n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length", None
+            return FinishReason.LENGTH, None
         return None
 
     def stats(self) -> EngineStats:

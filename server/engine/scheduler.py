@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .kv_cache import BlockManager, BlockSpans
+from .messages import FinishReason
 from .sampling_params import SamplingParams
 from .sequence import ScheduledChunk, SequenceData
 from .structured import GrammarState
@@ -43,7 +44,7 @@ class Sequence:
     first_token_time: float | None = None
     gate: Sequence | None = None  # sibling whose prompt must be computed first (shared prefix)
     num_pending: int = 0  # sampled on the device by the step in flight, not yet on the host
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     grammar: GrammarState | None = None  # structured output: this sequence's own matcher
 
@@ -221,7 +222,7 @@ class Scheduler:
                 seq.block_table, seq.data.token_ids, seq.spans, seq.num_registered_blocks, seq.num_computed
             )
 
-    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+    def finish(self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None) -> None:
         if seq.status is Status.FINISHED:
             return
         if seq.status is Status.RUNNING:
