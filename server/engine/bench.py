@@ -27,8 +27,9 @@ import torch
 
 from server.model.qwen3_vl import Qwen3VL
 
-from .core import EngineArgs, EngineCore, EngineRequest
+from .core import EngineArgs, EngineCore
 from .kv_cache import BlockManager, BlockSpans
+from .messages import EngineRequest
 from .sampling_params import SamplingParams
 from .scheduler import Sequence, Status
 from .sequence import SequenceData

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,7 +34,7 @@ from .memory import (
     largest_image_grid,
     profile_memory,
 )
-from .messages import FinishReason
+from .messages import EngineOutput, EngineRequest, EngineStats, FinishReason
 from .runner import ChunkFault, ModelRunner
 from .sampler import PendingSample, SamplingInput, TokenCounts, sample_async
 from .sampling_params import SamplingParams
@@ -44,50 +44,6 @@ from .structured import CompiledGrammar, GrammarCompiler, GrammarState, Structur
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    images: list[ProcessedImage] = field(default_factory=list)
-    eos_token_ids: list[int] = field(default_factory=list)
-    arrival_time: float = field(default_factory=time.time)
-
-
-@dataclass
-class EngineOutput:
-    """New tokens of one sequence (request id + sibling index) from one step."""
-
-    request_id: str
-    index: int
-    new_token_ids: list[int]
-    new_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
-    finish_reason: FinishReason | None = None
-    stop_reason: int | str | None = None
-    error: str | None = None  # finish_reason ERROR: what failed (this request only)
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    queue_time: float | None = None  # seconds waiting before first scheduled
-    first_token_latency: float | None = None  # seconds from arrival to first token
-
-
-@dataclass
-class EngineStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_kv_blocks: int = 0
-    max_model_len: int = 0
-    num_preemptions: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    step_tokens: int = 0
-    vision_runs: int = 0
-    num_steps: int = 0  # steps run since start: the heartbeat the API side watches
-    device: str = ""  # "cuda" or "cpu"
-    kernel_backend: str = ""  # in use: "triton" or "reference" (after a fallback, not what was asked)
 
 
 @dataclass

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .core import EngineOutput
 from .detokenizer import Decoder, IncrementalDetokenizer
-from .messages import FinishReason
+from .messages import EngineOutput, FinishReason
 from .sampling_params import SamplingParams
 
 
