@@ -235,12 +235,13 @@ class EngineCore:
             raise RequestRejected(
                 f"the prompt has {n_prompt} tokens; the maximum context length is {self.max_model_len}"
             )
-        max_tokens = req.params.max_tokens or (self.max_model_len - n_prompt)
-        if n_prompt + max_tokens > self.max_model_len:
+        max_tokens = req.params.max_tokens
+        if max_tokens is not None and n_prompt + max_tokens > self.max_model_len:
             raise RequestRejected(
                 f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the maximum context length "
                 f"{self.max_model_len}"
             )
+        max_tokens = req.params.max_output_tokens(n_prompt, self.max_model_len)
         n_image_tokens = sum(1 for t in req.prompt_token_ids if t == self.image_token_id)
         if n_image_tokens != sum(im.num_tokens for im in req.images):
             raise RequestRejected(
@@ -502,9 +503,7 @@ class EngineCore:
         stops = self.eos.get(seq.request_id, frozenset())
         if tok in stops:
             return FinishReason.STOP, (tok if tok in seq.params.stop_token_ids else None)
-        n_out = seq.data.num_output_tokens
-        max_tokens = seq.params.max_tokens or (self.max_model_len - seq.num_prompt)
-        if n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
+        if seq.data.num_output_tokens >= seq.params.max_output_tokens(seq.num_prompt, self.max_model_len):
             return FinishReason.LENGTH, None
         return None
 

@@ -193,8 +193,8 @@ class Scheduler:
         scheduling it again would compute a token nobody gets."""
         if not seq.num_pending:
             return False
-        max_out = seq.params.max_tokens or self.max_model_len
-        return seq.num_tokens - seq.num_prompt >= max_out or seq.num_tokens >= self.max_model_len
+        max_out = seq.params.max_output_tokens(seq.num_prompt, self.max_model_len)
+        return seq.num_tokens - seq.num_prompt >= max_out
 
     def _newest_after(self, seq: Sequence) -> Sequence | None:
         """The newest running sequence admitted after `seq` (the preemption victim), if any."""
