@@ -114,7 +114,8 @@ class Scheduler:
             if seq.status is not Status.RUNNING or self._ends_with_pending(seq):
                 continue  # preempted earlier in this pass, or nothing left to compute
             end = plan.chunk_end(seq)
-            if self._make_room(seq, end, plan):
+            # the common case first: the blocks it has hold `end` (no call, no allocation)
+            if self.bm.blocks_needed(end) <= len(seq.block_table) or self._make_room(seq, end, plan):
                 plan.add(seq, end)
 
         gated: list[Sequence] = []
@@ -224,6 +225,8 @@ class Scheduler:
 class _StepPlan:
     """The chunks one schedule() pass has chosen so far, and the token budget left."""
 
+    __slots__ = ("budget", "chunks", "preempted", "seqs")
+
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.chunks: list[ScheduledChunk] = []
@@ -232,7 +235,7 @@ class _StepPlan:
 
     def chunk_end(self, seq: Sequence) -> int:
         """Where `seq`'s chunk ends: all the tokens it still needs, as far as the budget goes."""
-        return seq.num_computed + min(seq.num_tokens - seq.num_computed, self.budget)
+        return min(seq.num_tokens, seq.num_computed + self.budget)
 
     def add(self, seq: Sequence, end: int) -> None:
         """Run tokens [num_computed, end) of `seq`; logits only where its known tokens end."""
