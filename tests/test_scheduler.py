@@ -7,8 +7,8 @@ import torch
 
 from server.engine.kv_cache import BlockManager, BlockSpans
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerOutput, Sequence, Status
-from server.engine.sequence import SequenceData
+from server.engine.scheduler import Scheduler, SchedulerOutput
+from server.engine.sequence import Sequence, SequenceData, Status
 
 
 def _seq(rid: str, prompt_len: int) -> Sequence:

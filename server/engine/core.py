@@ -38,8 +38,8 @@ from .messages import EngineOutput, EngineRequest, EngineStats, FinishReason
 from .runner import ChunkFault, ModelRunner
 from .sampler import PendingSample, SamplingInput, TokenCounts, sample_async
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, SchedulerOutput, Sequence, Status
-from .sequence import PendingTokens, SequenceData
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import PendingTokens, Sequence, SequenceData, Status
 from .structured import CompiledGrammar, GrammarCompiler, GrammarState, StructuredOutput
 
 _T = TypeVar("_T")

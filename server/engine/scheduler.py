@@ -9,58 +9,13 @@ blocks freed, to be recomputed later) and goes back to the front of the waiting 
 from __future__ import annotations
 
 import contextlib
-import enum
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .kv_cache import BlockManager, BlockSpans
+from .kv_cache import BlockManager
 from .messages import FinishReason
-from .sampling_params import SamplingParams
-from .sequence import ScheduledChunk, SequenceData
-from .structured import GrammarState
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass(eq=False)
-class Sequence:
-    request_id: str
-    index: int  # sibling index (n > 1)
-    data: SequenceData
-    params: SamplingParams
-    spans: BlockSpans
-    arrival_time: float = field(default_factory=time.monotonic)
-    status: Status = Status.WAITING
-    block_table: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose KV is in the cache
-    num_registered_blocks: int = 0  # prefix-cache bookkeeping
-    num_cached_prompt_tokens: int = 0
-    scheduled_time: float | None = None  # first admitted (queue time ends)
-    first_token_time: float | None = None
-    gate: Sequence | None = None  # sibling whose prompt must be computed first (shared prefix)
-    num_pending: int = 0  # sampled on the device by the step in flight, not yet on the host
-    finish_reason: FinishReason | None = None
-    stop_reason: int | str | None = None
-    grammar: GrammarState | None = None  # structured output: this sequence's own matcher
-
-    @property
-    def num_tokens(self) -> int:
-        """Known tokens plus the one still on the device (async scheduling)."""
-        return len(self.data) + self.num_pending
-
-    @property
-    def num_prompt(self) -> int:
-        return self.data.num_prompt_tokens
-
-    @property
-    def in_prefill(self) -> bool:
-        """More than one token to compute: a prompt, or a recompute after preemption."""
-        return self.num_tokens - self.num_computed > 1
+from .sequence import ScheduledChunk, Sequence, Status
 
 
 @dataclass

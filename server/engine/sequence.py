@@ -1,15 +1,25 @@
 """The sequence types every engine room shares: a sequence's tokens and multimodal layout
-(SequenceData), the slice of it one step runs (ScheduledChunk) and the tokens still on the
-device from the step in flight (PendingTokens). Their own module, so the scheduler and the
-sampler need not import the runner (as nano-vllm's sequence.py)."""
+(SequenceData), its engine-side state (Sequence: blocks, progress, status), the slice of it
+one step runs (ScheduledChunk) and the tokens still on the device from the step in flight
+(PendingTokens). Their own module, so the scheduler and the sampler need not import the
+runner (as nano-vllm's sequence.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from server.model.images import ProcessedImage
+
+if TYPE_CHECKING:
+    from .kv_cache import BlockSpans
+    from .messages import FinishReason
+    from .sampling_params import SamplingParams
+    from .structured import GrammarState
 
 
 @dataclass(eq=False)
@@ -96,3 +106,45 @@ class ScheduledChunk:
     end: int
     block_table: list[int]
     want_logits: bool = True
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    index: int  # sibling index (n > 1)
+    data: SequenceData
+    params: SamplingParams
+    spans: BlockSpans
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the cache
+    num_registered_blocks: int = 0  # prefix-cache bookkeeping
+    num_cached_prompt_tokens: int = 0
+    scheduled_time: float | None = None  # first admitted (queue time ends)
+    first_token_time: float | None = None
+    gate: Sequence | None = None  # sibling whose prompt must be computed first (shared prefix)
+    num_pending: int = 0  # sampled on the device by the step in flight, not yet on the host
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    grammar: GrammarState | None = None  # structured output: this sequence's own matcher
+
+    @property
+    def num_tokens(self) -> int:
+        """Known tokens plus the one still on the device (async scheduling)."""
+        return len(self.data) + self.num_pending
+
+    @property
+    def num_prompt(self) -> int:
+        return self.data.num_prompt_tokens
+
+    @property
+    def in_prefill(self) -> bool:
+        """More than one token to compute: a prompt, or a recompute after preemption."""
+        return self.num_tokens - self.num_computed > 1
