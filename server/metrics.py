@@ -16,6 +16,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
+from server.engine.messages import ENGINE_FINISH_REASONS, FinishReason
+
 PREFIX = "grace_serve_"
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]  # fmt: skip
@@ -26,7 +28,7 @@ REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 ITERATION_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 LOOP_LAG_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 IMAGE_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
-FINISH_REASONS = ("stop", "length", "abort", "error")
+FINISH_REASONS = tuple(r.value for r in ENGINE_FINISH_REASONS)
 
 
 def build_1_2_5_buckets(max_value: int) -> list[int]:
@@ -200,7 +202,7 @@ class RequestMetrics:
         self.num_cached_tokens = 0
         self.completion_tokens: list[int] = []
         self.queue_time: float | None = None
-        self.finish_reasons: dict[int, str] = {}
+        self.finish_reasons: dict[int, FinishReason] = {}
         self.done = False
         self.rejected = False  # refused by the engine (a 400): not a served request
 
@@ -243,8 +245,8 @@ class RequestMetrics:
         self.done = True
         m = self.m
         for i in range(n):
-            reason = self.finish_reasons.get(i) or ("abort" if aborted else "error")
-            m.request_success.get(reason, m.request_success["error"]).inc()
+            reason = self.finish_reasons.get(i) or (FinishReason.ABORT if aborted else FinishReason.ERROR)
+            m.request_success.get(reason, m.request_success[FinishReason.ERROR]).inc()
         m.prompt_tokens.inc(self.num_prompt_tokens)
         m.generation_tokens.inc(self.total_completion_tokens)
         m.request_prompt_tokens.observe(self.num_prompt_tokens)

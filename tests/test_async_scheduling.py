@@ -182,8 +182,8 @@ def _full_pool_with_two_decodes(pending: bool):
     """Two running sequences fill a 4-block pool (block size 4); each has 8 computed tokens and
     a 9th token (in flight if `pending`, else known) that needs a third block."""
     from server.engine.kv_cache import BlockManager, BlockSpans
-    from server.engine.runner import SequenceData
     from server.engine.scheduler import Scheduler, Sequence
+    from server.engine.sequence import SequenceData
 
     sched = Scheduler(BlockManager(4, 4, enable_prefix_caching=False), 4, 64, 64)
     seqs = []

@@ -14,7 +14,7 @@ from PIL import Image
 
 from server import LLM, SamplingParams
 from server.engine.cuda_graphs import capture_sizes
-from server.engine.runner import ScheduledChunk, SequenceData
+from server.engine.sequence import ScheduledChunk, SequenceData
 
 
 def _prompts(count: int) -> list[list[dict]]:

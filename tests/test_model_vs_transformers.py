@@ -12,7 +12,8 @@ from hf_reference import ReferenceInputs, reference_model, with_inline_images
 from PIL import Image
 
 from server import LLM, SamplingParams
-from server.engine.runner import ModelRunner, ScheduledChunk, SequenceData
+from server.engine.runner import ModelRunner
+from server.engine.sequence import ScheduledChunk, SequenceData
 from server.model.loader import load_model
 from server.model.processor import Processor
 from server.model.qwen3_vl import mrope_positions

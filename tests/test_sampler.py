@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.runner import SequenceData
 from server.engine.sampler import SamplingInput, _noise_key, sample, uniform_draw
 from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import SequenceData
 
 PROBS = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
 

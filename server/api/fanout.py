@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from server.engine.client import RequestDelta
+from server.engine.messages import FinishReason
 from server.metrics import RequestMetrics
 
 _DONE = object()
@@ -79,5 +80,5 @@ class CombinedMetrics:
         return min((p.ttft for p in self.parts if p.ttft is not None), default=None)
 
     @property
-    def finish_reasons(self) -> dict[int, str]:
+    def finish_reasons(self) -> dict[int, FinishReason]:
         return {i * self.n + j: r for i, p in enumerate(self.parts) for j, r in p.finish_reasons.items()}

@@ -326,9 +326,10 @@ def fit_to_context(state: ServerState, params: SamplingParams, num_prompt: int, 
             code="context_length_exceeded",
         )
     if params.max_tokens is None:
-        if params.min_tokens > limit - num_prompt:
+        rest = params.max_output_tokens(num_prompt, limit)  # the rest of the context
+        if params.min_tokens > rest:
             raise bad_request(f"min_tokens ({params.min_tokens}) does not fit in the context", "min_tokens")
-        return replace(params, max_tokens=limit - num_prompt)
+        return replace(params, max_tokens=rest)
     if num_prompt + params.max_tokens > limit:
         raise APIError(
             400,

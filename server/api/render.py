@@ -14,6 +14,7 @@ from typing import Any
 
 from server.engine.client import SequenceDelta
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.messages import FinishReason
 from server.engine.outputs import Logprob
 from server.engine.sampling_params import SamplingParams
 from server.model.processor import PromptInputs
@@ -109,7 +110,7 @@ class Choice:
 
     text: list[str] = field(default_factory=list)
     logprobs: list[Logprob] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
 
 
@@ -185,8 +186,8 @@ class ChatRenderer(Renderer):
         return chat_logprobs(self.tok, lps, self.top, self.params.skip_special_tokens)
 
     @staticmethod
-    def _finish_reason(reason: str | None, called: bool) -> str | None:
-        return "tool_calls" if called and reason == "stop" else reason
+    def _finish_reason(reason: FinishReason | None, called: bool) -> FinishReason | None:
+        return FinishReason.TOOL_CALLS if called and reason == FinishReason.STOP else reason
 
     def opening(self) -> Iterator[list[dict[str, Any]]]:
         for i in range(self.params.n):

@@ -27,11 +27,11 @@ import torch
 
 from server.model.qwen3_vl import Qwen3VL
 
-from .core import EngineArgs, EngineCore, EngineRequest
+from .core import EngineArgs, EngineCore
 from .kv_cache import BlockManager, BlockSpans
-from .runner import SequenceData
+from .messages import EngineRequest
 from .sampling_params import SamplingParams
-from .scheduler import Sequence, Status
+from .sequence import Sequence, SequenceData, Status
 from .structured import GrammarCompiler, GrammarState, StructuredOutput, apply_bitmask, fill_bitmask
 
 # A schema the random model rarely completes in 32 tokens (a free string), so the batch

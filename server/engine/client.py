@@ -1,9 +1,10 @@
 """AsyncEngine: the API-process side of the engine-process boundary.
 
 The engine process owns the model and the GPU and does nothing but schedule and run
-(EngineCore). The boundary is narrow: add request, abort request, finish one sequence (a
-stop string matched), and a stream of per-step outputs + engine stats. Text (incremental
-detokenization, stop strings) is done here, in the API process.
+(EngineCore). The boundary is narrow (messages.py): add request, abort request, finish one
+sequence (a stop string matched), shut down; and back, ready, a stream of per-step outputs
++ engine stats, failed, bye. Text (incremental detokenization, stop strings) is done here,
+in the API process.
 
 `inline=True` runs the core in a thread of this process instead (debugging, tests).
 """
@@ -29,7 +30,22 @@ from typing import Any
 from server.model.model_config import ModelConfig
 from server.model.processor import Processor, PromptInputs
 
-from .core import EngineArgs, EngineOutput, EngineRequest, EngineStats
+from .args import EngineArgs
+from .messages import (
+    AbortRequest,
+    AddRequest,
+    Bye,
+    Command,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    Failed,
+    FinishReason,
+    FinishSequence,
+    Ready,
+    Shutdown,
+    StepOutputs,
+)
 from .outputs import Logprob, SequenceTracker
 from .sampling_params import SamplingParams
 
@@ -60,7 +76,7 @@ class SequenceDelta:
     text: str
     token_ids: list[int]
     logprobs: list[Logprob] | None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
 
 
@@ -84,7 +100,7 @@ class RequestDelta:
 
 def _follow_parent() -> None:
     """In the engine process: signals to the process group (Ctrl-C, `timeout`, `kill -TERM -pgid`)
-    are for the API process, which drains first and then sends "shutdown"; and the engine must
+    are for the API process, which drains first and then sends Shutdown; and the engine must
     not outlive the API process (Linux: it gets SIGKILL when its parent dies)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -127,14 +143,14 @@ def engine_main(
     try:
         core = EngineCore(args)
     except BaseException as e:  # report load failures to the API side before dying
-        outbox.put(("failed", f"{type(e).__name__}: {e}"))
+        outbox.put(Failed(f"{type(e).__name__}: {e}"))
         raise
     gc.collect()
     gc.freeze()  # the model and its tables live as long as the process: no full GC passes over them
-    outbox.put(("ready", core.stats()))
+    outbox.put(Ready(core.stats()))
     last_sent = time.monotonic()
     while True:
-        commands = []
+        commands: list[Command] = []
         if not core.has_unfinished():
             commands.append(inbox.get())  # idle: block until there is work
         while True:
@@ -143,25 +159,29 @@ def engine_main(
             except queue.Empty:
                 break
         outputs: list[EngineOutput] = []
-        errors: list[tuple[str, str]] = []
-        for cmd, *payload in commands:
-            if cmd == "add":
-                rid = payload[0].request_id
-                try:
-                    core.add_request(payload[0])
-                except RequestRejected as e:
-                    errors.append((rid, str(e)))
-                except Exception as e:  # a fault in this request's own inputs: only it fails
-                    log.exception("request %s could not be added", rid)
-                    core.abort_request(rid)  # in case part of it was registered
-                    outputs.append(EngineOutput(rid, 0, [], finish_reason="error", error=_brief(e)))
-            elif cmd == "abort":
-                outputs += core.abort_request(payload[0])
-            elif cmd == "finish_seq":
-                core.finish_sequence(payload[0], payload[1])
-            elif cmd == "shutdown":
-                outbox.put(("bye", None))
-                return
+        rejected: list[tuple[str, str]] = []
+        for cmd in commands:
+            match cmd:
+                case AddRequest(request=req):
+                    try:
+                        core.add_request(req)
+                    except RequestRejected as e:
+                        rejected.append((req.request_id, str(e)))
+                    except Exception as e:  # a fault in this request's own inputs: only it fails
+                        log.exception("request %s could not be added", req.request_id)
+                        core.abort_request(req.request_id)  # in case part of it was registered
+                        outputs.append(
+                            EngineOutput(
+                                req.request_id, 0, [], finish_reason=FinishReason.ERROR, error=_brief(e)
+                            )
+                        )
+                case AbortRequest(request_id=rid):
+                    outputs += core.abort_request(rid)
+                case FinishSequence(request_id=rid, index=index):
+                    core.finish_sequence(rid, index)
+                case Shutdown():
+                    outbox.put(Bye())
+                    return
         stepped = core.has_unfinished()
         if stepped:
             try:
@@ -169,16 +189,16 @@ def engine_main(
             except Exception:  # shared state (the model step, the KV pool): the engine ends
                 context = core.describe_step()
                 log.critical("engine step failed; the engine stops. The step:\n%s", context, exc_info=True)
-                outbox.put(("failed", f"{traceback.format_exc()}\nthe failed step: {context}"))
+                outbox.put(Failed(f"{traceback.format_exc()}\nthe failed step: {context}"))
                 raise
         stats = core.stats()
         if not stepped:
             stats.step_tokens = 0  # no step ran this round (only commands were applied)
-        if stepped and not stats.step_tokens and not outputs and not errors and not commands:
+        if stepped and not stats.step_tokens and not outputs and not rejected and not commands:
             time.sleep(0.001)  # nothing could be scheduled (should not happen): never spin hot
             if time.monotonic() - last_sent < _HEARTBEAT_S:
                 continue  # ...but say now and then that the loop is alive
-        outbox.put(("step", outputs, errors, stats))
+        outbox.put(StepOutputs(outputs, rejected, stats))
         last_sent = time.monotonic()
 
 
@@ -261,10 +281,10 @@ class AsyncEngine:
                 if time.monotonic() > deadline:
                     raise EngineDeadError("the engine did not become ready in time") from None
                 continue
-            if msg[0] == "failed":
-                raise EngineDeadError(f"the engine failed to start: {msg[1]}")
-            if msg[0] == "ready":
-                self._stats = msg[1]
+            if isinstance(msg, Failed):
+                raise EngineDeadError(f"the engine failed to start: {msg.reason}")
+            if isinstance(msg, Ready):
+                self._stats = msg.stats
                 if not self._stall_timeout_given:
                     self.stall_timeout = STALL_TIMEOUT_S.get(self._stats.device, STALL_TIMEOUT_S["cpu"])
                 break
@@ -277,7 +297,7 @@ class AsyncEngine:
             return
         self._stopping = True
         with contextlib.suppress(Exception):
-            self._inbox.put(("shutdown",))
+            self._inbox.put(Shutdown())
         await asyncio.to_thread(self._proc.join, timeout)
         if not self.inline and self._proc.is_alive():
             self._proc.kill()
@@ -341,22 +361,21 @@ class AsyncEngine:
             except (EOFError, OSError):
                 self._mark_dead("the engine process connection broke")
                 return
-            kind = msg[0]
-            if kind == "step":
-                _, outputs, errors, stats = msg
-                self._last_progress = time.monotonic()
-                self._stats = stats
-                if self.on_stats is not None:
-                    try:
-                        self.on_stats(stats)
-                    except Exception:  # a metrics bug must not kill the reader
-                        log.exception("on_stats hook failed")
-                self._loop.call_soon_threadsafe(self._dispatch, outputs, errors)
-            elif kind == "failed":
-                self._mark_dead(f"the engine crashed: {msg[1]}")
-                return
-            elif kind == "bye":
-                return
+            match msg:
+                case StepOutputs(outputs=outputs, rejected=rejected, stats=stats):
+                    self._last_progress = time.monotonic()
+                    self._stats = stats
+                    if self.on_stats is not None:
+                        try:
+                            self.on_stats(stats)
+                        except Exception:  # a metrics bug must not kill the reader
+                            log.exception("on_stats hook failed")
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs, rejected)
+                case Failed(reason=reason):
+                    self._mark_dead(f"the engine crashed: {reason}")
+                    return
+                case Bye():
+                    return
 
     def _mark_dead(self, reason: str) -> None:
         log.error("%s", reason)
@@ -379,15 +398,15 @@ class AsyncEngine:
             if not seqs:
                 del self._owned[rid]
 
-    def _dispatch(self, outputs: list[EngineOutput], errors: list[tuple[str, str]]) -> None:
-        for rid, message in errors:
+    def _dispatch(self, outputs: list[EngineOutput], rejected: list[tuple[str, str]]) -> None:
+        for rid, message in rejected:
             self._release(rid)
             p = self._pending.get(rid)
             if p is not None:
                 p.queue.put_nowait(EngineRequestError(message))
         for out in outputs:
             if out.finish_reason is not None:
-                self._release(out.request_id, None if out.finish_reason == "error" else out.index)
+                self._release(out.request_id, None if out.finish_reason == FinishReason.ERROR else out.index)
             p = self._pending.get(out.request_id)
             if p is not None:
                 p.queue.put_nowait(out)
@@ -416,7 +435,7 @@ class AsyncEngine:
             if not self._owned:
                 self._busy_since = time.monotonic()  # the stall clock starts with the work
             self._owned[rid] = set(range(params.n))
-            self._inbox.put(("add", req))
+            self._inbox.put(AddRequest(req))
             num_cached = 0
             queue_time = first_latency = None
             while True:
@@ -428,7 +447,7 @@ class AsyncEngine:
                 for out in batch:
                     if isinstance(out, Exception):
                         raise out
-                    if out.finish_reason == "error":
+                    if out.finish_reason == FinishReason.ERROR:
                         raise EngineRequestFailed(out.error or "the engine failed this request")
                     t = trackers[out.index]
                     if out.num_prompt_tokens:
@@ -436,7 +455,7 @@ class AsyncEngine:
                         if queue_time is None:
                             queue_time, first_latency = out.queue_time, out.first_token_latency
                     if t.update(out):
-                        self._inbox.put(("finish_seq", rid, out.index))  # stop string: free its blocks
+                        self._inbox.put(FinishSequence(rid, out.index))  # stop string: free its blocks
                         self._release(rid, out.index)
                     changed.add(out.index)
                 done = all(t.finished for t in trackers)
@@ -462,8 +481,8 @@ class AsyncEngine:
         finally:
             self._pending.pop(rid, None)
             if not finished_cleanly and self.healthy:
-                self._inbox.put(("abort", rid))  # client went away or an error: free the KV now
+                self._inbox.put(AbortRequest(rid))  # client went away or an error: free the KV now
 
     async def abort(self, request_id: str) -> None:
         if self.healthy:
-            self._inbox.put(("abort", request_id))
+            self._inbox.put(AbortRequest(request_id))

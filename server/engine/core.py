@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,58 +34,16 @@ from .memory import (
     largest_image_grid,
     profile_memory,
 )
-from .runner import ChunkFault, ModelRunner, PendingTokens, SequenceData
+from .messages import EngineOutput, EngineRequest, EngineStats, FinishReason
+from .runner import ChunkFault, ModelRunner
 from .sampler import PendingSample, SamplingInput, TokenCounts, sample_async
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, SchedulerOutput, Sequence, Status
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import PendingTokens, Sequence, SequenceData, Status
 from .structured import CompiledGrammar, GrammarCompiler, GrammarState, StructuredOutput
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    images: list[ProcessedImage] = field(default_factory=list)
-    eos_token_ids: list[int] = field(default_factory=list)
-    arrival_time: float = field(default_factory=time.time)
-
-
-@dataclass
-class EngineOutput:
-    """New tokens of one sequence (request id + sibling index) from one step."""
-
-    request_id: str
-    index: int
-    new_token_ids: list[int]
-    new_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    stop_reason: int | str | None = None
-    error: str | None = None  # finish_reason "error": what failed (this request only)
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    queue_time: float | None = None  # seconds waiting before first scheduled
-    first_token_latency: float | None = None  # seconds from arrival to first token
-
-
-@dataclass
-class EngineStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_kv_blocks: int = 0
-    max_model_len: int = 0
-    num_preemptions: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    step_tokens: int = 0
-    vision_runs: int = 0
-    num_steps: int = 0  # steps run since start: the heartbeat the API side watches
-    device: str = ""  # "cuda" or "cpu"
-    kernel_backend: str = ""  # in use: "triton" or "reference" (after a fallback, not what was asked)
 
 
 @dataclass
@@ -279,12 +237,13 @@ class EngineCore:
             raise RequestRejected(
                 f"the prompt has {n_prompt} tokens; the maximum context length is {self.max_model_len}"
             )
-        max_tokens = req.params.max_tokens or (self.max_model_len - n_prompt)
-        if n_prompt + max_tokens > self.max_model_len:
+        max_tokens = req.params.max_tokens
+        if max_tokens is not None and n_prompt + max_tokens > self.max_model_len:
             raise RequestRejected(
                 f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the maximum context length "
                 f"{self.max_model_len}"
             )
+        max_tokens = req.params.max_output_tokens(n_prompt, self.max_model_len)
         n_image_tokens = sum(1 for t in req.prompt_token_ids if t == self.image_token_id)
         if n_image_tokens != sum(im.num_tokens for im in req.images):
             raise RequestRejected(
@@ -365,15 +324,17 @@ class EngineCore:
         return outputs
 
     def abort_request(self, request_id: str) -> list[EngineOutput]:
-        return self._end_request(request_id, "abort")
+        return self._end_request(request_id, FinishReason.ABORT)
 
     def fail_request(self, request_id: str, error: str) -> list[EngineOutput]:
         """A fault attributable to this request alone: end it (all its siblings) with an
         error and free its blocks; every other request keeps running."""
         log.error("request %s failed in the engine and was ended: %s", request_id, error)
-        return self._end_request(request_id, "error", error)
+        return self._end_request(request_id, FinishReason.ERROR, error)
 
-    def _end_request(self, request_id: str, reason: str, error: str | None = None) -> list[EngineOutput]:
+    def _end_request(
+        self, request_id: str, reason: FinishReason, error: str | None = None
+    ) -> list[EngineOutput]:
         seqs = self.requests.pop(request_id, None)
         self.eos.pop(request_id, None)
         self._compiling.pop(request_id, None)
@@ -384,7 +345,7 @@ class EngineCore:
                 outs.append(EngineOutput(request_id, seq.index, [], finish_reason=reason, error=error))
         return outs
 
-    def finish_sequence(self, request_id: str, index: int, reason: str = "stop") -> None:
+    def finish_sequence(self, request_id: str, index: int, reason: FinishReason = FinishReason.STOP) -> None:
         """End one sequence early (the API side matched a stop string); frees its blocks."""
         seqs = self.requests.get(request_id, [])
         for seq in seqs:
@@ -529,7 +490,8 @@ class EngineCore:
                 out.first_token_latency = now - seq.arrival_time
             reason = self._finish_reason(seq, tok)
             if reason is None and seq.grammar is not None and seq.grammar.ended_by(tok):
-                reason = ("stop", None)  # the grammar is complete: EOS ends it even with ignore_eos
+                # the grammar is complete: EOS ends it even with ignore_eos
+                reason = (FinishReason.STOP, None)
             if reason is not None:
                 out.finish_reason, out.stop_reason = reason
                 self.scheduler.finish(seq, *reason)
@@ -539,14 +501,12 @@ class EngineCore:
             outputs.append(out)
         return outputs
 
-    def _finish_reason(self, seq: Sequence, tok: int) -> tuple[str, int | str | None] | None:
+    def _finish_reason(self, seq: Sequence, tok: int) -> tuple[FinishReason, int | str | None] | None:
         stops = self.eos.get(seq.request_id, frozenset())
         if tok in stops:
-            return "stop", (tok if tok in seq.params.stop_token_ids else None)
-        n_out = seq.data.num_output_tokens
-        max_tokens = seq.params.max_tokens or (self.max_model_len - seq.num_prompt)
-        if n_out >= max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length", None
+            return FinishReason.STOP, (tok if tok in seq.params.stop_token_ids else None)
+        if seq.data.num_output_tokens >= seq.params.max_output_tokens(seq.num_prompt, self.max_model_len):
+            return FinishReason.LENGTH, None
         return None
 
     def stats(self) -> EngineStats:

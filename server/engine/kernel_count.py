@@ -42,9 +42,10 @@ from kernels import triton_utils
 from server.model.qwen3_vl import DecoderLayer, Qwen3VL
 
 from .block_table import BlockTable
-from .runner import ModelRunner, ScheduledChunk, SequenceData
+from .runner import ModelRunner
 from .sampler import SamplingInput, sample_async
 from .sampling_params import SamplingParams
+from .sequence import ScheduledChunk, SequenceData
 
 H200_SMS = 132
 REAL_DEPTH = 28  # decoder layers of Qwen3-VL-2B

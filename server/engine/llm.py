@@ -12,7 +12,8 @@ from typing import Any
 
 from server.model.processor import Processor, PromptInputs
 
-from .core import EngineArgs, EngineCore, EngineRequest
+from .core import EngineArgs, EngineCore
+from .messages import EngineRequest
 from .outputs import CompletionOutput, Logprob, RequestOutput, SequenceTracker
 from .sampling_params import SamplingParams
 

@@ -28,9 +28,10 @@ import torch
 from server.model.images import ImageSettings
 from server.model.qwen3_vl import Qwen3VL
 
-from .runner import ModelRunner, ScheduledChunk, SequenceData
+from .runner import ModelRunner
 from .sampler import SamplingInput, sample
 from .sampling_params import SamplingParams
+from .sequence import ScheduledChunk, SequenceData
 
 log = logging.getLogger(__name__)
 MiB = 2**20

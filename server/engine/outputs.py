@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .core import EngineOutput
 from .detokenizer import Decoder, IncrementalDetokenizer
+from .messages import EngineOutput, FinishReason
 from .sampling_params import SamplingParams
 
 
@@ -22,7 +22,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length" | "abort"
+    finish_reason: FinishReason | None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[Logprob] | None = None
     cumulative_logprob: float | None = None
@@ -52,7 +52,7 @@ class SequenceTracker:
         )
         self.token_ids: list[int] = []
         self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None
         self._sent_tokens = 0
         self._sent_logprobs = 0
@@ -82,13 +82,13 @@ class SequenceTracker:
             for tok, lp in zip(out.new_token_ids, out.new_logprobs):
                 if lp is not None:
                     self.logprobs.append(Logprob(tok, lp[0], lp[1]))
-        if out.finish_reason == "stop":
+        if out.finish_reason == FinishReason.STOP:
             # the stopping token (EOS / stop_token_ids) is kept in token_ids, not in text
             self.detok.add_tokens(out.new_token_ids[:-1])
         else:
             self.detok.add_tokens(out.new_token_ids)
         if self.detok.stopped_by is not None:
-            self.finish_reason, self.stop_reason = "stop", self.detok.stopped_by
+            self.finish_reason, self.stop_reason = FinishReason.STOP, self.detok.stopped_by
             return True
         if out.finish_reason is not None:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason

@@ -16,8 +16,8 @@ import torch
 
 from server.transfer import to_device
 
-from .runner import SequenceData
 from .sampling_params import GREEDY_BELOW, SamplingParams
+from .sequence import SequenceData
 from .structured import GrammarState, apply_bitmask, fill_bitmask
 
 _MASK64 = (1 << 64) - 1

@@ -56,6 +56,14 @@ class SamplingParams:
             self.top_k = 0
         self.validate()
 
+    def max_output_tokens(self, num_prompt: int, max_model_len: int) -> int:
+        """How many tokens a sequence of this request may generate after a prompt of
+        `num_prompt` tokens: max_tokens, never past the context length (max_tokens None: the
+        rest of the context). The one statement of this rule: the API's defaulting, the
+        engine's admission and finish check and the scheduler all ask here."""
+        room = max_model_len - num_prompt
+        return room if self.max_tokens is None else min(self.max_tokens, room)
+
     def validate(self) -> None:
         """Raise ValueError naming the field, for anything a request could get wrong."""
         checks: list[tuple[bool, str, str]] = [

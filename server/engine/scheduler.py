@@ -9,57 +9,13 @@ blocks freed, to be recomputed later) and goes back to the front of the waiting 
 from __future__ import annotations
 
 import contextlib
-import enum
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .kv_cache import BlockManager, BlockSpans
-from .runner import ScheduledChunk, SequenceData
-from .sampling_params import SamplingParams
-from .structured import GrammarState
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass(eq=False)
-class Sequence:
-    request_id: str
-    index: int  # sibling index (n > 1)
-    data: SequenceData
-    params: SamplingParams
-    spans: BlockSpans
-    arrival_time: float = field(default_factory=time.monotonic)
-    status: Status = Status.WAITING
-    block_table: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose KV is in the cache
-    num_registered_blocks: int = 0  # prefix-cache bookkeeping
-    num_cached_prompt_tokens: int = 0
-    scheduled_time: float | None = None  # first admitted (queue time ends)
-    first_token_time: float | None = None
-    gate: Sequence | None = None  # sibling whose prompt must be computed first (shared prefix)
-    num_pending: int = 0  # sampled on the device by the step in flight, not yet on the host
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    grammar: GrammarState | None = None  # structured output: this sequence's own matcher
-
-    @property
-    def num_tokens(self) -> int:
-        """Known tokens plus the one still on the device (async scheduling)."""
-        return len(self.data) + self.num_pending
-
-    @property
-    def num_prompt(self) -> int:
-        return self.data.num_prompt_tokens
-
-    @property
-    def in_prefill(self) -> bool:
-        """More than one token to compute: a prompt, or a recompute after preemption."""
-        return self.num_tokens - self.num_computed > 1
+from .kv_cache import BlockManager
+from .messages import FinishReason
+from .sequence import ScheduledChunk, Sequence, Status
 
 
 @dataclass
@@ -101,104 +57,91 @@ class Scheduler:
     # -- one step ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
-        seqs: list[Sequence] = []
-        preempted = 0
-
-        # 1) decodes of running sequences, oldest first; preempt the newest to make room
-        decoding = [s for s in self.running if not s.in_prefill]
-        for seq in decoding:
-            if budget <= 0 or seq.status is not Status.RUNNING or self._ends_with_pending(seq):
-                continue
-            deferred = False
-            while self.bm.blocks_needed(seq.num_tokens) > len(seq.block_table):
-                if self.bm.append_block(seq.block_table):
-                    continue
-                if seq.num_pending:  # its token in flight may end it: wait one step rather
-                    deferred = True  # than evict another sequence for it
-                    break
-                victim = self._newest_after(seq)
-                if victim is None:  # `seq` is the newest: it gives way itself
-                    self._preempt(seq)
-                    preempted += 1
-                    break
-                self._preempt(victim)
-                preempted += 1
-                if victim in seqs:
-                    i = seqs.index(victim)
-                    del seqs[i], chunks[i]
-                    budget += 1
-            if deferred or seq.status is not Status.RUNNING:
-                continue
-            chunks.append(ScheduledChunk(seq.data, seq.num_computed, seq.num_tokens, seq.block_table))
-            seqs.append(seq)
-            budget -= seq.num_tokens - seq.num_computed
-
-        # 2) running sequences still in prefill (chunked), then 3) admit waiting ones, FCFS
-        for seq in [s for s in self.running if s.in_prefill]:
-            if budget <= 0:
+        """One pass, as vLLM v1: each running sequence, then each waiting one, catches up
+        its num_computed by as many tokens as it still needs and the budget allows. Running
+        decodes go first (one token each), then running chunked prefills, then admissions
+        (FCFS). A decode that needs a block and finds none preempts the newest running
+        sequence (itself if it is the newest)."""
+        plan = _StepPlan(self.max_num_batched_tokens)
+        for seq in self._running_decodes_first():
+            if plan.budget <= 0:
                 break
-            budget = self._add_prefill_chunk(seq, budget, chunks, seqs)
+            if seq.status is not Status.RUNNING or self._ends_with_pending(seq):
+                continue  # preempted earlier in this pass, or nothing left to compute
+            end = plan.chunk_end(seq)
+            # the common case first: the blocks it has hold `end` (no call, no allocation)
+            if self.bm.blocks_needed(end) <= len(seq.block_table) or self._make_room(seq, end, plan):
+                plan.add(seq, end)
 
-        skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        gated: list[Sequence] = []
+        while self.waiting and plan.budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if (
-                seq.gate is not None
-                and seq.gate.status is not Status.FINISHED
-                and seq.gate.num_computed < seq.gate.num_prompt
-            ):
-                skipped.append(self.waiting.popleft())  # sibling waits for the shared prompt
+            if self._gated(seq):
+                gated.append(self.waiting.popleft())  # a sibling waits for the shared prompt
                 continue
             seq.gate = None
             if seq.num_pending:  # preempted with a token in flight: admitted once it has
                 break  # arrived (next step); FCFS, so nobody behind it goes first
-            first = seq.scheduled_time is None  # not a readmission after preemption
-            got = self.bm.allocate_prompt(seq.data.token_ids, seq.spans, reserve=1, count_stats=first)
-            if got is None:
+            if not self._admit(seq):
                 break  # FCFS: nobody jumps the queue when the head does not fit
-            self.waiting.popleft()
-            seq.block_table, cached = got
-            seq.num_computed = cached
-            seq.num_registered_blocks = cached // self.bm.block_size
-            if first:  # a readmission finds its own blocks: no prefix-cache hit
-                seq.num_cached_prompt_tokens = min(cached, seq.num_prompt)
-            seq.status = Status.RUNNING
-            if seq.scheduled_time is None:
-                seq.scheduled_time = time.monotonic()
-            self.running.append(seq)
-            budget = self._add_prefill_chunk(seq, budget, chunks, seqs)
-        self.waiting.extendleft(reversed(skipped))
-        self.num_preemptions += preempted
-        return SchedulerOutput(chunks, seqs, preempted)
+            plan.add(seq, plan.chunk_end(seq))
+        self.waiting.extendleft(reversed(gated))
+        self.num_preemptions += plan.preempted
+        return SchedulerOutput(plan.chunks, plan.seqs, plan.preempted)
 
-    def _add_prefill_chunk(
-        self, seq: Sequence, budget: int, chunks: list[ScheduledChunk], seqs: list[Sequence]
-    ) -> int:
-        end = min(seq.num_tokens, seq.num_computed + budget)
-        if end <= seq.num_computed:
-            return budget
-        chunks.append(
-            ScheduledChunk(
-                seq.data, seq.num_computed, end, seq.block_table, want_logits=end == seq.num_tokens
-            )
-        )
-        seqs.append(seq)
-        return budget - (end - seq.num_computed)
+    def _running_decodes_first(self) -> list[Sequence]:
+        """Running sequences in admission order, decodes before chunked prefills."""
+        decodes = [s for s in self.running if not s.in_prefill]
+        return decodes + [s for s in self.running if s.in_prefill]
+
+    def _make_room(self, seq: Sequence, end: int, plan: _StepPlan) -> bool:
+        """Blocks for `seq`'s tokens up to `end` (a prefill's were all taken at admission;
+        a decode may need one more), preempting the newest running sequence while the pool
+        is full. False: `seq` does not run this step (it gave way itself, or its token in
+        flight may end it: better wait one step than evict another sequence for it)."""
+        while self.bm.blocks_needed(end) > len(seq.block_table):
+            if self.bm.append_block(seq.block_table):
+                continue
+            if seq.num_pending:
+                return False
+            victim = self.running[-1]
+            self._preempt(victim)
+            plan.preempted += 1
+            if victim is seq:
+                return False
+            plan.drop(victim)  # in case it was chosen earlier in this pass
+        return True
+
+    def _gated(self, seq: Sequence) -> bool:
+        """A sibling (n > 1) waits until the first one's prompt is computed, to share it."""
+        gate = seq.gate
+        return gate is not None and gate.status is not Status.FINISHED and gate.num_computed < gate.num_prompt
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Move the head of the waiting queue to running with blocks for its tokens (+1), or
+        False when the pool cannot hold it now."""
+        first = seq.scheduled_time is None  # not a readmission after preemption
+        got = self.bm.allocate_prompt(seq.data.token_ids, seq.spans, reserve=1, count_stats=first)
+        if got is None:
+            return False
+        self.waiting.popleft()
+        seq.block_table, cached = got
+        seq.num_computed = cached
+        seq.num_registered_blocks = cached // self.bm.block_size
+        if first:  # a readmission finds its own blocks: no prefix-cache hit
+            seq.num_cached_prompt_tokens = min(cached, seq.num_prompt)
+            seq.scheduled_time = time.monotonic()
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        return True
 
     def _ends_with_pending(self, seq: Sequence) -> bool:
         """The token in flight is the sequence's last (max_tokens or the context length):
         scheduling it again would compute a token nobody gets."""
         if not seq.num_pending:
             return False
-        max_out = seq.params.max_tokens or self.max_model_len
-        return seq.num_tokens - seq.num_prompt >= max_out or seq.num_tokens >= self.max_model_len
-
-    def _newest_after(self, seq: Sequence) -> Sequence | None:
-        """The newest running sequence admitted after `seq` (the preemption victim), if any."""
-        newest = self.running[-1]
-        return None if newest is seq else newest
+        max_out = seq.params.max_output_tokens(seq.num_prompt, self.max_model_len)
+        return seq.num_tokens - seq.num_prompt >= max_out
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: free the blocks, keep generated tokens, requeue at the front."""
@@ -221,7 +164,7 @@ class Scheduler:
                 seq.block_table, seq.data.token_ids, seq.spans, seq.num_registered_blocks, seq.num_computed
             )
 
-    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+    def finish(self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None) -> None:
         if seq.status is Status.FINISHED:
             return
         if seq.status is Status.RUNNING:
@@ -232,3 +175,35 @@ class Scheduler:
         self.bm.free_table(seq.block_table)
         seq.status = Status.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+
+
+class _StepPlan:
+    """The chunks one schedule() pass has chosen so far, and the token budget left."""
+
+    __slots__ = ("budget", "chunks", "preempted", "seqs")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.chunks: list[ScheduledChunk] = []
+        self.seqs: list[Sequence] = []  # parallel to chunks
+        self.preempted = 0
+
+    def chunk_end(self, seq: Sequence) -> int:
+        """Where `seq`'s chunk ends: all the tokens it still needs, as far as the budget goes."""
+        return min(seq.num_tokens, seq.num_computed + self.budget)
+
+    def add(self, seq: Sequence, end: int) -> None:
+        """Run tokens [num_computed, end) of `seq`; logits only where its known tokens end."""
+        start = seq.num_computed
+        self.chunks.append(
+            ScheduledChunk(seq.data, start, end, seq.block_table, want_logits=end == seq.num_tokens)
+        )
+        self.seqs.append(seq)
+        self.budget -= end - start
+
+    def drop(self, seq: Sequence) -> None:
+        """Take back `seq`'s chunk, if it has one (it was preempted after being chosen)."""
+        if seq in self.seqs:
+            i = self.seqs.index(seq)
+            self.budget += self.chunks[i].end - self.chunks[i].start
+            del self.seqs[i], self.chunks[i]
