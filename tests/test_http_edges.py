@@ -412,14 +412,14 @@ def test_engine_death_answers_an_upload_still_arriving(tmp_path):
 
 @pytest.mark.slow
 def test_schemathesis_fuzz_short(tmp_path):
-    """loadtest/fuzz_api.py for 60 s: schemathesis against /openapi.json of a demo server on
+    """loadtest/fuzz_api.py for 30 s (CI time; the script runs longer by hand): schemathesis against /openapi.json of a demo server on
     127.0.0.1. Before: 405s without Allow, 422 advertised and 400/404/413/503 missing (every
     real error response a status_code_conformance failure). Now: no failure, no 5xx, no
     traceback in the server log, and the server still exits 0 on SIGTERM afterwards."""
     pytest.importorskip("schemathesis")
     from api_server import REPO
 
-    cmd = [sys.executable, "loadtest/fuzz_api.py", "--max-time", "60", "--max-examples", "30"]
+    cmd = [sys.executable, "loadtest/fuzz_api.py", "--max-time", "30", "--max-examples", "30"]
     r = subprocess.run([*cmd, "--keep", str(tmp_path)], cwd=REPO, timeout=420, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-2000:]
     assert " POST    /v1/chat/completions   200:" in r.stdout  # generation was reached, not only 400s

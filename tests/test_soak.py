@@ -3,7 +3,7 @@ gauges back to 0, every request kind exercised as intended, RSS of both processe
 and its classifier on fake responses: a broken stream, a 5xx, a non-OpenAI error body, a wrong
 status or a 200 of the wrong shape are unexpected, so the soak cannot pass vacuously.
 
-The soak run is bounded: --duration 30 plus the in-flight tail, under a subprocess timeout.
+The soak run is bounded: --duration 20 plus the in-flight tail, under a subprocess timeout.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ soak = load_soak()
 @pytest.mark.slow
 def test_short_soak_passes(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
-    cmd = [sys.executable, str(REPO / "loadtest" / "soak.py"), "--duration", "30", "--concurrency", "12", "--max-tokens", "8",
+    cmd = [sys.executable, str(REPO / "loadtest" / "soak.py"), "--duration", "20", "--concurrency", "12", "--max-tokens", "8",
            "--rss-interval", "1", "--json", str(out), "--server-log", str(tmp_path / "server.log")]  # fmt: skip
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=170)
     log = (
