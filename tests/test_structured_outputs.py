@@ -212,22 +212,25 @@ def test_mask_apply_paths_agree():
     32w + b of each constrained row to -inf iff bit b of word w is 0, cut the padding bits
     past the vocabulary, and leave unconstrained rows alone."""
     vocab = 150
-    mask = torch.randint(-(2**31), 2**31 - 1, (2, 5), dtype=torch.int32)
+    mask = torch.randint(-(2**31), 2**31 - 1, (3, 5), dtype=torch.int32)
     mask[1, 1:] = 0  # few allowed tokens: the host path's fill-and-restore branch
-    logits = torch.randn(4, vocab)
-    rows = [1, 3]
+    mask[2, :] = -1  # few forbidden tokens: the host path's -inf-at-those-tokens branch
+    mask[2, 3] = 0x7FFF_FFEE  # tokens 96, 100 and 127 forbidden
+    logits = torch.randn(5, vocab)
+    rows = [1, 3, 4]
     host, dev = logits.clone(), logits.clone()
     _apply_on_host(host.numpy(), rows, mask.numpy())
     _apply_on_device(dev, rows, mask)
     assert torch.equal(host, dev)
     assert torch.equal(host[[0, 2]], logits[[0, 2]])
+    assert torch.isinf(host[4]).nonzero().flatten().tolist() == [96, 100, 127]
     for j, r in enumerate(rows):
         for t in range(vocab):
             allowed = (int(mask[j, t // 32]) >> (t % 32)) & 1
             assert (host[r, t] == float("-inf")) == (not allowed)
     everything, ref = logits.clone(), logits.clone()  # all rows, through the public entry point
-    apply_bitmask(everything, [0, 1], mask)
-    _apply_on_device(ref, [0, 1], mask)
+    apply_bitmask(everything, [0, 1], mask[:2])
+    _apply_on_device(ref, [0, 1], mask[:2])
     assert torch.equal(everything, ref)
 
 

@@ -320,23 +320,34 @@ _NEG_INF = np.float32("-inf")
 def _apply_on_host(logits: np.ndarray, rows: list[int], mask: np.ndarray) -> None:
     """Row by row in place (no gather / scatter when only some rows are constrained). A row
     whose allowed tokens sit in few mask words (between JSON keys, say) is filled with -inf
-    at memset speed and those tokens' logits put back, found from the packed words alone;
-    any other is unpacked (cache-resident, one row) for a masked copy of -inf."""
+    at memset speed and those tokens' logits put back, found from the packed words alone; a
+    row whose forbidden tokens sit in few words (inside a free string) gets -inf at just those
+    tokens; any other is unpacked (cache-resident, one row) for a masked copy of -inf."""
     vocab = logits.shape[1]
     for j, r in enumerate(rows):
         row, packed = logits[r], mask[j]
         words = np.flatnonzero(packed)  # the words holding an allowed token
         if 4 * len(words) < len(packed):
-            bits = np.unpackbits(packed[words].view(np.uint8), bitorder="little").reshape(len(words), 32)
-            w, b = np.nonzero(bits)
-            allowed = words[w] * 32 + b
-            allowed = allowed[allowed < vocab]
+            allowed = _set_bits(packed, words, vocab)
             kept = row[allowed]
             row.fill(_NEG_INF)
             row[allowed] = kept
+            continue
+        inverted = np.invert(packed)
+        words = np.flatnonzero(inverted)  # the words holding a forbidden token
+        if 4 * len(words) < len(packed):
+            row[_set_bits(inverted, words, vocab)] = _NEG_INF
         else:
             forbidden = np.unpackbits(np.invert(packed.view(np.uint8)), count=vocab, bitorder="little")
             np.copyto(row, _NEG_INF, where=forbidden.view(bool))
+
+
+def _set_bits(packed: np.ndarray, words: np.ndarray, vocab: int) -> np.ndarray:
+    """The token ids (< vocab) of the 1 bits in packed[words] (bit b of word w: 32w + b)."""
+    bits = np.unpackbits(packed[words].view(np.uint8), bitorder="little").reshape(len(words), 32)
+    w, b = np.nonzero(bits)
+    tokens = words[w] * 32 + b
+    return tokens[tokens < vocab]
 
 
 def apply_bitmask(logits: torch.Tensor, rows: list[int], mask: torch.Tensor) -> None:
