@@ -46,12 +46,32 @@ def paged_attention(
 
     out = torch.zeros_like(query)
     decode = [b for b, q_len in enumerate(q_lens) if q_len == 1]
-    if decode:
-        _decode(query, k_cache, v_cache, block_tables, lens, qsl, decode, scale, out)
+    for rows in decode_groups(decode, lens):
+        _decode(query, k_cache, v_cache, block_tables, lens, qsl, rows, scale, out)
     for b, q_len in enumerate(q_lens):
         if q_len > 1:
             _chunk(query, k_cache, v_cache, block_tables[b], lens[b], qsl[b], q_len, scale, causal, out)
     return out
+
+
+# Padding a decode group to its longest context costs (rows x longest) gathered tokens; one
+# long sequence among many short ones must not multiply the step's memory by the batch size.
+PAD_SLACK_TOKENS = 16384
+
+
+def decode_groups(rows: list[int], lens: list[int]) -> list[list[int]]:
+    """The decode rows split into groups run as one SDPA call each: longest first, a group
+    closed when padding it would gather more than twice its real tokens plus a slack."""
+    groups: list[list[int]] = []
+    real = 0
+    for b in sorted(rows, key=lambda b: -lens[b]):
+        if groups and (len(groups[-1]) + 1) * lens[groups[-1][0]] <= 2 * (real + lens[b]) + PAD_SLACK_TOKENS:
+            groups[-1].append(b)
+            real += lens[b]
+        else:
+            groups.append([b])
+            real = lens[b]
+    return groups
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -37,3 +37,26 @@ def test_a_sequence_past_its_table_is_refused() -> None:
     query, k, v, tables, seq_lens, qsl = make_batch([(40, 1)], 4, 2, 32, torch.float32, seed=1)
     with pytest.raises(ValueError, match="sequence 0"):
         torch_attention.paged_attention(query, k, v, tables[:, :1], seq_lens, qsl, 0.2)
+
+
+def test_decode_groups_bound_the_padding() -> None:
+    """One long context among many short ones: the padded gather stays within twice the real
+    tokens plus the slack (one group would gather 256 x 100k tokens); every row runs once."""
+    lens = [100_000] + [20] * 255 + [5_000] * 8
+    rows = list(range(len(lens)))
+    groups = torch_attention.decode_groups(rows, lens)
+    assert sorted(b for g in groups for b in g) == rows
+    for g in groups:
+        padded, real = len(g) * max(lens[b] for b in g), sum(lens[b] for b in g)
+        assert padded <= 2 * real + torch_attention.PAD_SLACK_TOKENS
+    assert len(groups) <= 3  # short rows still share a call
+    assert torch_attention.decode_groups([0, 1, 2], [30, 40, 50]) == [[2, 1, 0]]
+
+
+def test_grouped_decode_matches_reference(monkeypatch) -> None:
+    # a tiny slack forces several groups on a small batch
+    monkeypatch.setattr(torch_attention, "PAD_SLACK_TOKENS", 0)
+    args = make_batch([(300, 1), (3, 1), (4, 1), (150, 1), (2, 1)], 8, 4, 32, torch.float32, seed=11)
+    assert len(torch_attention.decode_groups([0, 1, 2, 3, 4], args[4].tolist())) > 1
+    y = torch_attention.paged_attention(*args, 0.2)
+    assert rel_err(y, reference.paged_attention(*args, 0.2)) < TOL[torch.float32]
