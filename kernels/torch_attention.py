@@ -14,8 +14,55 @@ that head (rows ordered group-major, then token), so SDPA sees ``H_kv`` heads wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Decode rows run as one SDPA call: their sequences, query tokens, the blocks of the
+    longest context and which of its positions each row owns."""
+
+    rows: torch.Tensor  # long [n]: sequence indices
+    tokens: torch.Tensor  # long [n]: their query rows
+    longest: int
+    valid: torch.Tensor  # bool [n, longest]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What every layer of a step shares (built once per step, not per layer): the decode
+    groups and the (sequence, seq_len, first query row, q_len) of each multi-token chunk."""
+
+    decode: list[DecodeGroup]
+    chunks: list[tuple[int, int, int, int]]
+
+
+def plan_step(
+    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: int, table_width: int
+) -> StepPlan:
+    """The lengths are read on the host (``tolist``): the CPU path, or a GPU that fell back here."""
+    qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
+    if len(qsl) != len(lens) + 1:
+        raise ValueError(f"query_start_loc needs B+1={len(lens) + 1} entries, got {len(qsl)}")
+    q_lens = [qsl[b + 1] - qsl[b] for b in range(len(lens))]
+    for b, (q_len, seq_len) in enumerate(zip(q_lens, lens)):
+        if q_len > seq_len or -(-seq_len // block_size) > table_width:
+            raise ValueError(
+                f"sequence {b}: {q_len} query tokens, seq_len {seq_len}, table width {table_width}"
+            )
+    dev = seq_lens.device
+    decode = []
+    for rows in decode_groups([b for b, q_len in enumerate(q_lens) if q_len == 1], lens):
+        longest = lens[rows[0]]  # groups are longest first
+        own = torch.tensor([lens[b] for b in rows], device=dev)
+        valid = torch.arange(longest, device=dev) < own[:, None]
+        index = torch.tensor(rows, device=dev)
+        decode.append(DecodeGroup(index, torch.tensor([qsl[b] for b in rows], device=dev), longest, valid))
+    chunks = [(b, lens[b], qsl[b], q_len) for b, q_len in enumerate(q_lens) if q_len > 1]
+    return StepPlan(decode, chunks)
 
 
 def paged_attention(
@@ -27,30 +74,21 @@ def paged_attention(
     query_start_loc: torch.Tensor,
     scale: float,
     causal: bool = True,
+    plan: StepPlan | None = None,
 ) -> torch.Tensor:
     """``reference.paged_attention``'s arguments and result (``[T, H_q, D]``, padding rows zero).
-    The lengths are read on the host (``tolist``): the CPU path, or a GPU that fell back here."""
+    `plan`: the step's ``plan_step`` (made here when None)."""
     h_q, d = query.shape[1:]
     block_size, h_kv = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape[3] != d or h_q % h_kv:
         raise ValueError(f"query [.., {h_q}, {d}] incompatible with cache {list(k_cache.shape)}")
-    qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
-    if len(qsl) != len(lens) + 1:
-        raise ValueError(f"query_start_loc needs B+1={len(lens) + 1} entries, got {len(qsl)}")
-    q_lens = [qsl[b + 1] - qsl[b] for b in range(len(lens))]
-    for b, (q_len, seq_len) in enumerate(zip(q_lens, lens)):
-        if q_len > seq_len or -(-seq_len // block_size) > block_tables.shape[1]:
-            raise ValueError(
-                f"sequence {b}: {q_len} query tokens, seq_len {seq_len}, table {block_tables.shape}"
-            )
-
+    if plan is None:
+        plan = plan_step(seq_lens, query_start_loc, block_size, block_tables.shape[1])
     out = torch.zeros_like(query)
-    decode = [b for b, q_len in enumerate(q_lens) if q_len == 1]
-    for rows in decode_groups(decode, lens):
-        _decode(query, k_cache, v_cache, block_tables, lens, qsl, rows, scale, out)
-    for b, q_len in enumerate(q_lens):
-        if q_len > 1:
-            _chunk(query, k_cache, v_cache, block_tables[b], lens[b], qsl[b], q_len, scale, causal, out)
+    for group in plan.decode:
+        _decode(query, k_cache, v_cache, block_tables, group, scale, out)
+    for b, seq_len, start, q_len in plan.chunks:
+        _chunk(query, k_cache, v_cache, block_tables[b], seq_len, start, q_len, scale, causal, out)
     return out
 
 
@@ -81,24 +119,19 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> torch.Te
     return x.transpose(-3, -2)
 
 
-def _decode(query, k_cache, v_cache, block_tables, lens, qsl, rows, scale, out) -> None:
-    """All one-token sequences at once: [B, H_kv, group, D] queries over a padded context."""
+def _decode(query, k_cache, v_cache, block_tables, group: DecodeGroup, scale, out) -> None:
+    """One decode group at once: [n, H_kv, group, D] queries over a padded context."""
     h_kv, block_size = k_cache.shape[2], k_cache.shape[1]
-    group = query.shape[1] // h_kv
-    longest = max(lens[b] for b in rows)
-    dev = query.device
-    index = torch.tensor(rows, device=dev)
-    tokens = torch.tensor([qsl[b] for b in rows], device=dev)
-    blocks = block_tables[index, : -(-longest // block_size)].long()
-    valid = torch.arange(longest, device=dev) < torch.tensor([lens[b] for b in rows], device=dev)[:, None]
+    n = len(group.tokens)
+    blocks = block_tables[group.rows, : -(-group.longest // block_size)].long()
     # Slots past a shorter sequence's end hold anything (another sequence's data, NaN): zero
     # them, since a masked score still multiplies its V row by 0 (NaN * 0 = NaN).
-    pad = ~valid[:, None, :, None]
-    k = _gather(k_cache, blocks, longest).to(query.dtype).masked_fill_(pad, 0)  # [B, H_kv, S, D]
-    v = _gather(v_cache, blocks, longest).to(query.dtype).masked_fill_(pad, 0)
-    q = query[tokens].view(len(rows), h_kv, group, -1)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scale)
-    out[tokens] = y.reshape(len(rows), -1, query.shape[2])
+    pad = ~group.valid[:, None, :, None]
+    k = _gather(k_cache, blocks, group.longest).to(query.dtype).masked_fill_(pad, 0)  # [n, H_kv, S, D]
+    v = _gather(v_cache, blocks, group.longest).to(query.dtype).masked_fill_(pad, 0)
+    q = query[group.tokens].view(n, h_kv, query.shape[1] // h_kv, -1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=group.valid[:, None, None, :], scale=scale)
+    out[group.tokens] = y.reshape(n, -1, query.shape[2])
 
 
 def _chunk(query, k_cache, v_cache, table, seq_len, start, q_len, scale, causal, out) -> None:

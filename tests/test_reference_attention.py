@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from paged_batches import SPECS
 
 from kernels import reference
 
@@ -63,17 +64,6 @@ def build_batch(seq_specs, h_q=4, h_kv=2, d=32, dtype=torch.float32, seed=0, num
         values=values,
         queries=queries,
     )
-
-
-SPECS = [
-    (37, 37),  # prefill, no prefix, partial last block
-    (16, 16),  # exactly one block
-    (70, 1),  # decode
-    (50, 13),  # prefill over a cached prefix of 37
-    (1, 1),  # first token
-    (129, 1),  # decode, many blocks
-    (96, 40),  # chunked prefill ending on a block boundary
-]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -6,14 +6,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels import QuantizedWeight
+from kernels import QuantizedWeight, torch_attention
 from kernels import reference as ref
 from kernels.backend import use_triton
 
@@ -151,6 +151,9 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor
     max_query_len: int
     max_seq_len: int
+    # The plain-torch attention's per-step plan, made by the first layer that needs it and
+    # read by the others (the same lengths for every layer).
+    torch_plan: torch_attention.StepPlan | None = field(default=None, repr=False, compare=False)
 
 
 def attention(
@@ -173,11 +176,20 @@ def attention(
     k_cache, v_cache = kv_cache
     norms = (qkv, q_norm.weight, k_norm.weight, q_norm.eps, cos, sin, k_cache, v_cache, meta.slot_mapping)
     if not use_triton(qkv, backend):
-        from kernels import torch_attention
-
+        if meta.torch_plan is None:
+            meta.torch_plan = torch_attention.plan_step(
+                meta.seq_lens, meta.query_start_loc, k_cache.shape[1], meta.block_tables.shape[1]
+            )
         q = ref.qk_norm_rope_kv(*norms, num_heads)
         return torch_attention.paged_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            scale,
+            plan=meta.torch_plan,
         )
     from kernels import attention as kernel
 
