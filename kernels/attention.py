@@ -12,7 +12,10 @@ makes decode (1 token, 2 heads per KV head) bandwidth bound instead of load-coun
 Scores and softmax are fp32 (online softmax in base 2). When there are too few programs to
 fill the GPU (decode at small batch), the context is split across programs (flash-decoding)
 and the program that finishes a tile's last split merges the partial results (a ticket
-counter per tile and KV head), so a decode step's attention is one kernel either way.
+counter per tile and KV head), so a decode step's attention is one kernel either way. The
+plan bounds the split count; each tile splits only as far as its own context (read from
+seq_lens on the device) fills, so a short context under a long context's plan (a CUDA graph
+captured at max_model_len) writes no partials and merges nothing.
 """
 
 from __future__ import annotations
@@ -159,7 +162,7 @@ def write_kv_cache(
 # Per-step integers are run-time values: a new batch size, split count or block-table width
 # (the step's longest context) must not compile a new variant in the middle of traffic
 # (Triton specializes ints on ==1 and %16 otherwise).
-@triton.jit(do_not_specialize=["B", "T", "TILES", "num_splits", "stride_bt"])
+@triton.jit(do_not_specialize=["B", "T", "TILES", "num_splits", "min_split_iters", "stride_bt"])
 def _attn_kernel(
     q_ptr,
     k_ptr,
@@ -183,6 +186,7 @@ def _attn_kernel(
     B,
     T,
     num_splits,
+    min_split_iters,
     HQ,
     HEAD_DIM,
     TILES,
@@ -297,7 +301,14 @@ def _attn_kernel(
             kv_end = kv_end - 1  # the new token's k/v come from registers
         kv_end = tl.where(qt * BLOCK_Q < q_len, kv_end, 0)  # tile past this sequence: no work
         n_iters = (kv_end + BLOCK_N - 1) // BLOCK_N
-        per_split = (n_iters + num_splits - 1) // num_splits
+        # This tile's own split count, from its actual context (read on the device, so a
+        # graph captured with the longest context's grid still runs a short one in one part:
+        # no partials, no merge); programs past it find an empty range and store nothing.
+        if SPLIT:
+            splits = tl.maximum(1, tl.minimum(num_splits, n_iters // min_split_iters))
+        else:
+            splits = 1
+        per_split = (n_iters + splits - 1) // splits
         it_start = split * per_split
         it_end = tl.minimum(it_start + per_split, n_iters)
 
@@ -341,7 +352,7 @@ def _attn_kernel(
             m_i = m_new
 
         if FUSE_ROPE:
-            if split == num_splits - 1:  # the new token's column, in the last split
+            if split == splits - 1:  # the new token's column, in the last split
                 s_new = tl.sum(q.to(tl.float32) * k_new, axis=1) * qk_scale
                 s_new = tl.where(row_valid, s_new, float("-inf"))
                 m_new = tl.maximum(m_i, s_new)
@@ -364,10 +375,11 @@ def _attn_kernel(
                 tl.store(vc, to_out(v_new, v_ptr), mask=w_mask)
 
         o_ptrs = o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
-        if not SPLIT:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(o_ptrs, to_out(out, o_ptr), mask=q_mask)
-        else:
+        if splits == 1:
+            if split == 0:
+                out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+                tl.store(o_ptrs, to_out(out, o_ptr), mask=q_mask)
+        elif split < splits:
             # Unnormalized partials to the workspace; the split that finishes last merges them
             # (no second kernel). The barrier makes every thread's stores precede the ticket,
             # whose acq_rel atomic publishes them (and, for the last, acquires the others').
@@ -378,7 +390,7 @@ def _attn_kernel(
             tl.debug_barrier()
             lock = locks_ptr + pid * tl.num_programs(1) + kvh
             ticket = tl.atomic_add(lock, 1, sem="acq_rel")
-            if ticket == num_splits - 1:
+            if ticket == splits - 1:
                 tl.atomic_xchg(lock, 0)  # ready for the next launch (graph replays reuse it)
                 out = _merge_splits(
                     ws_acc_ptr,
@@ -390,7 +402,7 @@ def _attn_kernel(
                     offs_d,
                     T,
                     HQ,
-                    num_splits,
+                    splits,
                     BLOCK_M,
                     BLOCK_D,
                 )
@@ -445,7 +457,9 @@ class AttentionPlan:
 
     block_q: int
     block_n: int = 64
-    num_splits: int = 1
+    num_splits: int = 1  # the most splits a tile may use (the grid's third dimension)
+    # a tile uses min(num_splits, its own K/V tiles // min_split_iters) splits, at least 1
+    min_split_iters: int = 4
     num_warps: int = 4
     num_stages: int = 2
 
@@ -460,7 +474,10 @@ def plan_attention(
     device: torch.device,
 ) -> AttentionPlan:
     """Heuristic tiles: 16 rows for decode-like batches, 64 for prefill; split the context
-    (flash-decoding) when sequences x KV heads x tiles would leave most SMs idle."""
+    (flash-decoding) when sequences x KV heads x tiles would give fewer than two programs per
+    SM. ``max_seq_len`` bounds the split count; each tile then splits only as far as its own
+    context fills (min_split_iters K/V tiles per split), so a plan made for the longest
+    context (a captured graph's) costs a short one nothing."""
     return plan_for_sms(batch, h_q, h_kv, head_dim, max_query_len, max_seq_len, num_sms(device))
 
 
@@ -474,11 +491,12 @@ def plan_for_sms(
     block_q = rows // group_p
     tiles = -(-max_query_len // block_q)
     work = batch * tiles * h_kv
+    block_n = 64 if head_dim <= 128 else 32
     splits = 1
-    if max_seq_len is not None and work < sms:
-        chunks = -(-max_seq_len // 64)
-        splits = max(1, min(-(-2 * sms // work), chunks // 4, 16))
-    return AttentionPlan(block_q=block_q, block_n=64 if head_dim <= 128 else 32, num_splits=splits)
+    if max_seq_len is not None and work < 2 * sms:
+        chunks = -(-max_seq_len // block_n)
+        splits = max(1, min(-(-2 * sms // work), chunks // AttentionPlan.min_split_iters, 16))
+    return AttentionPlan(block_q=block_q, block_n=block_n, num_splits=splits)
 
 
 @dataclass(frozen=True)
@@ -577,6 +595,7 @@ def _attn_spec(
         batch,
         t,
         splits,
+        plan.min_split_iters,
         h_q,
         d,
         tiles,

@@ -102,12 +102,21 @@ def test_padding_rows_write_no_kv(demo_dir) -> None:
     torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_padded_static_decode_with_triton_kernels(demo_dir) -> None:
+@pytest.mark.parametrize("min_split_iters", [4, 1])
+def test_padded_static_decode_with_triton_kernels(demo_dir, monkeypatch, min_split_iters: int) -> None:
     """The Triton kernels (interpreter on CPU) on the static path: the KV write skips slot -1
-    and attention runs the plan fixed at max_model_len (context split into several parts)
-    whatever the real context length; tokens equal the reference kernels' eager run."""
+    and attention runs the plan made at max_model_len whatever the real context length; each
+    sequence splits as far as its own context fills (these short ones: not at all), or, with
+    one K/V tile enough per split, into several parts merged in the kernel; tokens equal the
+    reference kernels' eager run either way."""
+    from dataclasses import replace
+
     from kernels import attention
 
+    plan_for_sms = attention.plan_for_sms
+    monkeypatch.setattr(
+        attention, "plan_for_sms", lambda *a: replace(plan_for_sms(*a), min_split_iters=min_split_iters)
+    )
     path = str(demo_dir("w8"))
     kw = dict(device="cpu", dtype="float32", max_model_len=512, max_num_seqs=4, num_kv_blocks=40)
     ref = LLM(path, kernel_backend="reference", **kw)
@@ -119,7 +128,7 @@ def test_padded_static_decode_with_triton_kernels(demo_dir) -> None:
     )
     assert plan.num_splits > 1, "the fixed plan should split the context"
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 4, 3)]
-    prompts = ["the red cat sat", "two blue birds sang over the tree", "one"]
+    prompts = ["the red cat sat " * 20, "two blue birds sang over the tree", "one"]  # 2+ K/V tiles of 64
     want = [o.outputs[0].token_ids for o in ref.generate(prompts, params)]
     got = [o.outputs[0].token_ids for o in tri.generate(prompts, params)]
     assert got == want

@@ -68,11 +68,52 @@ def test_decode_split_context(dtype: torch.dtype) -> None:
     # Flash-decoding path: the context split over programs, then merged; a split can be empty.
     specs = [(70, 1), (1, 1), (129, 1), (33, 1)]
     args = make_batch(specs, 4, 2, 32, dtype, seed=5, pad_rows=2)
-    for splits in (2, 3):
-        run_and_check(args, 0.2, True, attention.AttentionPlan(block_q=8, block_n=16, num_splits=splits))
+    for splits in (2, 3):  # every split in use (min_split_iters=1), some of them empty
+        plan = attention.AttentionPlan(block_q=8, block_n=16, num_splits=splits, min_split_iters=1)
+        run_and_check(args, 0.2, True, plan)
     # the heuristic picks a split on its own for a tiny batch with long contexts
     plan = attention.plan_attention(1, 4, 2, 128, 1, 4096, torch.device(DEVICE))
     assert plan.num_splits > 1 and plan.block_q * 2 >= 16
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_each_tile_splits_only_as_far_as_its_own_context_fills(fused: bool) -> None:
+    """A plan bounds the splits (a CUDA graph's is made for max_model_len); each tile uses
+    min(num_splits, its K/V tiles // min_split_iters), at least 1, read from seq_lens on the
+    device. Contexts on both sides of each threshold (block_n 16, 4 tiles per split, at most
+    3 splits: 1, 1, 1, 2, 2, 3, 3 splits), merged or stored directly, all equal the reference;
+    the tickets of the tiles that split are reset; with a huge min_split_iters every tile runs
+    unsplit (no merge). A kernel merging over the plan's split count instead of the tile's
+    would wait for tickets that never come and leave rows unwritten (NaN-poisoned out). The
+    unsplit tiles take no ticket: their counters, preset to a stale 7, stay 7 and their rows
+    are right (a tile that split with a stale counter would never merge)."""
+    contexts = [1, 49, 64, 113, 128, 193, 208]  # K/V tiles of 16: 1, 4, 4, 8, 8, 13, 13 (decode: -1)
+    locks = attention._split_locks(4096, torch.device(DEVICE))
+    for min_iters in (4, 10**6):
+        plan = attention.AttentionPlan(block_q=8, block_n=16, num_splits=3, min_split_iters=min_iters)
+        unsplit = 3 if min_iters == 4 else len(contexts)  # decode tiles: lock = tile * 2 KV heads + head
+        locks[: 2 * unsplit] = 7
+        if fused:
+            args = _decode_batch(contexts, 4, 2, 32, torch.float32, seed=11, pad_rows=1)
+            ref = reference.decode_attention(**_on(args, "cpu"))
+            y = attention.decode_attention(**_on(args, DEVICE), plan=plan).cpu()
+            assert torch.isfinite(y).all() and rel_err(y, ref) < TOL[torch.float32]
+        else:
+            args = make_batch([(c, 1) for c in contexts], 4, 2, 32, torch.float32, seed=10, pad_rows=1)
+            run_and_check(args, 0.2, True, plan)
+        assert (locks[: 2 * unsplit] == 7).all(), "a tile with a short context took a ticket"
+        locks[: 2 * unsplit] = 0
+        assert int(locks.abs().sum()) == 0
+
+
+def test_plans_split_long_contexts_until_the_sms_have_two_programs_each() -> None:
+    # 132 SMs, the real model's 16 / 8 heads of 128: batch 1 and 24 split a long context
+    # (24 x 8 = 192 programs < 2 x 132: 2 splits), batch 64 does not; a 50-token bound none.
+    plan = attention.plan_for_sms
+    assert plan(1, 16, 8, 128, 1, 32768, 132).num_splits == 16
+    assert plan(24, 16, 8, 128, 1, 32768, 132).num_splits == 2
+    assert plan(64, 16, 8, 128, 1, 32768, 132).num_splits == 1
+    assert plan(1, 16, 8, 128, 1, 50, 132).num_splits == 1
 
 
 def test_split_merge_in_kernel_resets_its_tickets_and_a_stale_ticket_is_caught() -> None:
@@ -81,7 +122,7 @@ def test_split_merge_in_kernel_resets_its_tickets_and_a_stale_ticket_is_caught()
     non-zero (a mutated kernel that forgot the reset) leaves rows unwritten: caught."""
     specs = [(70, 1), (129, 1), (33, 1)]
     args = make_batch(specs, 4, 2, 32, torch.float32, seed=6)
-    plan = attention.AttentionPlan(block_q=8, block_n=16, num_splits=3)
+    plan = attention.AttentionPlan(block_q=8, block_n=16, num_splits=3, min_split_iters=1)
     for _ in range(2):
         run_and_check(args, 0.2, True, plan)
         assert int(attention._LOCKS[args[0].device].abs().sum()) == 0
@@ -97,7 +138,7 @@ def test_ticket_counters_first_made_under_inference_mode_work_outside_it() -> No
     still be usable by a later launch outside it (a test, a tuner): an inference tensor is not."""
     specs = [(70, 1), (33, 1)]
     args = make_batch(specs, 4, 2, 32, torch.float32, seed=7)
-    plan = attention.AttentionPlan(block_q=8, block_n=16, num_splits=3)
+    plan = attention.AttentionPlan(block_q=8, block_n=16, num_splits=3, min_split_iters=1)
     saved = attention._LOCKS.pop(args[0].device, None)
     try:
         with torch.inference_mode():
@@ -123,7 +164,9 @@ def test_per_step_integers_compile_no_new_variants() -> None:
 def test_split_context_with_prefill_chunk() -> None:
     # Splits with several query rows: some rows see none of a late split's keys (causal).
     args = make_batch([(50, 13), (40, 40)], 4, 2, 32, torch.float32, seed=8)
-    run_and_check(args, 0.2, True, attention.AttentionPlan(block_q=8, block_n=16, num_splits=3))
+    run_and_check(
+        args, 0.2, True, attention.AttentionPlan(block_q=8, block_n=16, num_splits=3, min_split_iters=1)
+    )
 
 
 def test_all_rows_padding_and_empty_sequences() -> None:
@@ -257,7 +300,8 @@ def test_decode_attention_fuses_norm_rope_and_kv_write(dtype, h_q, h_kv, d, spli
     ref_args = _on(args, "cpu")
     ref = reference.decode_attention(**ref_args)
     got_args = _on(args, DEVICE)
-    plan = attention.AttentionPlan(block_q=16 // tu.next_pow2(h_q // h_kv), block_n=16, num_splits=splits)
+    block_q = 16 // tu.next_pow2(h_q // h_kv)
+    plan = attention.AttentionPlan(block_q=block_q, block_n=16, num_splits=splits, min_split_iters=1)
     y = attention.decode_attention(**got_args, plan=plan).cpu()
     assert torch.isfinite(y).all()
     assert rel_err(y, ref) < TOL[dtype]

@@ -9,9 +9,11 @@ buffers and replays the smallest graph with room for n.
 The block tables are the runner's persistent table, read in place (block_table.py): a step's
 sequences sit in its rows 0..n-1. Padding rows run a 1-token context with slot -1: the KV
 write skips them, attention reads one cached slot (any finite value) and their hidden states
-are dropped. The attention launch plan
-(context splits) is fixed per batch size at max_model_len, so one graph serves every context
-length; the qmatmul tuner has timed each batch size in the warm-up run before capture.
+are dropped. The attention launch plan is made per batch size at max_model_len, so one
+graph serves every context length: it bounds the context splits, and each sequence splits
+only as far as its own context (read from seq_lens on the device) fills, so a short one runs
+unsplit with no merge and a long one spreads over the SMs. The qmatmul tuner has timed each
+batch size in the warm-up run before capture.
 
 `capture=False` keeps everything but the capture: the same buffers, padding and forward,
 run eagerly. That is the CPU twin the tests run in CI.
