@@ -375,7 +375,10 @@ def _attn_kernel(
                 tl.store(vc, to_out(v_new, v_ptr), mask=w_mask)
 
         o_ptrs = o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
-        if splits == 1:
+        if not SPLIT:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(o_ptrs, to_out(out, o_ptr), mask=q_mask)
+        elif splits == 1:  # this tile's context is short: stored directly, by split 0 alone
             if split == 0:
                 out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
                 tl.store(o_ptrs, to_out(out, o_ptr), mask=q_mask)
