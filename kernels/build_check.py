@@ -23,6 +23,7 @@ Triton's bundled ptxas (``-v``) on the generated PTX; shared memory from the com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pkgutil
@@ -31,12 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from importlib import import_module
 from types import ModuleType
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -140,6 +142,41 @@ def specialization_key(launch: Launch) -> str:
     return _job_key(
         launch.kernel.fn.__module__, launch.kernel.fn.__name__, specialize(launch, make_backend(_target()))
     )
+
+
+@contextlib.contextmanager
+def record_specializations(tag: Callable[[], str] = lambda: "") -> Iterator[dict[str, set[str]]]:
+    """While active, every Triton launch (compiled or in the interpreter) adds its sm_90
+    specialization key to the yielded dict, with the tags (``tag()`` at launch time) of the
+    launches that made it: the binaries a GPU would have compiled for what ran. The engine's
+    warm-up must make every key traffic can."""
+    from triton.compiler import make_backend
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    backend = make_backend(_target())
+    seen: dict[str, set[str]] = {}
+    twins: dict[int, JITFunction] = {}  # an interpreted kernel's JITFunction, to bind as run would
+
+    def recording(real: Any) -> Any:
+        def run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+            if not warmup:
+                jit = self
+                if not isinstance(self, JITFunction):
+                    jit = twins.get(id(self)) or twins.setdefault(
+                        id(self), JITFunction(self.fn, **self.kwargs)
+                    )
+                spec = specialize(Launch("", jit, args, kwargs), backend)
+                seen.setdefault(_job_key(self.fn.__module__, self.fn.__name__, spec), set()).add(tag())
+            return real(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        return run
+
+    with (
+        mock.patch.object(JITFunction, "run", recording(JITFunction.run)),
+        mock.patch.object(InterpretedFunction, "run", recording(InterpretedFunction.run)),
+    ):
+        yield seen
 
 
 def _job_key(mod: str, name: str, spec: tuple) -> str:

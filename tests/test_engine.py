@@ -11,6 +11,7 @@ from PIL import Image
 
 from server import LLM, SamplingParams
 from server.engine.core import EngineArgs, EngineCore, EngineRequest, RequestRejected
+from server.engine.runner import powers_of_two_to
 from server.model.loader import load_model
 
 WORDS = "the cat sat on a red mat while two blue birds sang over the green tree near one small house".split()
@@ -397,22 +398,38 @@ def test_chunks_encode_only_the_images_they_overlap(demo_dir, oracle):
     _assert_all_blocks_released(llm)
 
 
-def test_warm_up_runs_every_prefill_bucket_without_touching_the_pool(demo_dir):
-    """The start-up sweep (run on CUDA so each qmatmul M bucket is tuned before traffic) runs
-    a prefill of 16, 32, ... up to max_num_batched_tokens tokens, no larger than the pool, and
-    leaves the block manager as it was; the engine then serves normally."""
-    llm = LLM(
-        str(demo_dir("w8")), device="cpu", max_num_batched_tokens=300, num_kv_blocks=40, max_model_len=512
-    )
+def test_warm_up_runs_every_step_shape_without_touching_the_pool(demo_dir):
+    """The start-up sweep (on CUDA, so no kernel compiles and no qmatmul M bucket is tuned
+    mid-traffic): each prefill size over no context and as the tail of a max_model_len one,
+    decodes of 1, 2, 4, ... up to max_num_seqs rows and one at max_model_len, two images;
+    every chunk on block 0 only, the block manager untouched; the engine then serves, and its
+    greedy output equals a fresh engine's (the garbage in block 0 is overwritten before read)."""
+    kw = dict(device="cpu", max_num_batched_tokens=300, num_kv_blocks=40, max_model_len=512, max_num_seqs=6)
+    llm = LLM(str(demo_dir("w8")), **kw)
     runner = llm.engine.runner
-    calls: list[int] = []
-    hook = llm.engine.model.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[0]))
-    assert runner.warm_up(300) == [16, 32, 64, 128, 256, 300] == calls
-    assert runner.warm_up(5000) == [16, 32, 64, 128, 256, 512]  # 40 blocks hold 640 tokens
+    calls: list[tuple[int, int]] = []  # (tokens, longest context) of each forward
+    hook = llm.engine.model.register_forward_hook(
+        lambda _m, args, _o: calls.append((args[0].shape[0], args[3].max_seq_len))
+    )
+    vision: list[int] = []
+    vhook = llm.engine.model.visual.register_forward_hook(
+        lambda _m, args, _o: vision.append(args[0].shape[0])
+    )
+    sizes = powers_of_two_to(300)
+    assert sizes == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]
+    runner.warm_up(sizes, max_num_seqs=6, max_model_len=512, images=True)
     hook.remove()
+    vhook.remove()
+    prefills = [c for m in sizes for c in ((m, m), (m, 512))]
+    decodes = [(b, 1) for b in (1, 2, 4, 6)] + [(1, 512)]
+    assert calls == prefills + decodes
+    assert vision == [4, 64]  # patches of a 1-token and a 16-token image (merge 2 x 2)
     assert llm.engine.block_manager.num_used == 0
-    out = llm.generate(["a b c"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
-    assert len(out[0].outputs[0].token_ids) == 3
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = ["a b c", "the red cat sat on the mat " * 3]
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    fresh = LLM(str(demo_dir("w8")), **kw)
+    assert got == [o.outputs[0].token_ids for o in fresh.generate(prompts, params)]
 
 
 def test_tiny_temperature_is_greedy(w8_llm):

@@ -35,7 +35,7 @@ from .memory import (
     profile_memory,
 )
 from .messages import EngineOutput, EngineRequest, EngineStats, FinishReason
-from .runner import ChunkFault, ModelRunner
+from .runner import ChunkFault, ModelRunner, powers_of_two_to
 from .sampler import PendingSample, SamplingInput, TokenCounts, sample_async
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
@@ -141,9 +141,11 @@ class EngineCore:
                 log.info("decode runs eagerly: CUDA graphs need the Triton kernels")
             return
         t0 = time.perf_counter()
-        # CPU runs Triton in the interpreter: one small prefill proves the kernels, no tuning
-        max_tokens = a.max_num_batched_tokens if cuda else min(16, a.max_num_batched_tokens)
-        sizes = self._fall_back_on_kernel_error("warm-up", lambda: self.runner.warm_up(max_tokens))
+        cuda_triton = cuda and self.kernel_backend == "triton"
+        sizes = (
+            powers_of_two_to(a.max_num_batched_tokens) if cuda_triton else [min(16, a.max_num_batched_tokens)]
+        )
+        self._fall_back_on_kernel_error("warm-up", lambda: self._warm_up(sizes))
         log.info(
             "prefill sizes %s warmed up (%s kernels) in %.1f s",
             sizes,
@@ -152,6 +154,17 @@ class EngineCore:
         )
         if cuda and self.kernel_backend == "triton" and not a.enforce_eager:
             self._enable_decode_graphs()
+
+    def _warm_up(self, prefill_sizes: list[int]) -> None:
+        """On CUDA with the Triton kernels, every step shape traffic can launch (runner.warm_up),
+        so nothing compiles or tunes mid-traffic. CPU runs Triton in the interpreter, and a
+        fall-back reruns this on the reference kernels: there a small prefill proves the
+        kernels run (nothing compiles, and a max_model_len prefill would be slow)."""
+        if self.model.device.type == "cuda" and self.kernel_backend == "triton":
+            a = self.args
+            self.runner.warm_up(prefill_sizes, a.max_num_seqs, self.max_model_len, images=True)
+        else:
+            self.runner.warm_up(prefill_sizes[-1:])
 
     def _fall_back_on_kernel_error(self, what: str, step: Callable[[], _T]) -> _T:
         """Run a start-up step; if it raises on the Triton kernels, log which kernel and why,

@@ -111,18 +111,45 @@ class ModelRunner:
         self.decode_graphs.capture_all()
 
     @torch.inference_mode()
-    def warm_up(self, max_tokens: int) -> list[int]:
-        """Run one prefill of each power-of-two size from 16 up to max_tokens (and max_tokens):
-        every qmatmul M bucket a step can hit is compiled and tuned before traffic, instead of
-        stalling the first request of each size. Writes only KV blocks no sequence holds yet
-        (call it before serving). Returns the sizes run."""
-        capacity = self.num_blocks * self.block_size
-        sizes = sorted({m for m in (16 << i for i in range(16)) if m < max_tokens} | {max_tokens})
-        sizes = [m for m in sizes if m <= capacity]
-        for m in sizes:
-            data = SequenceData.from_prompt([1] * m, [], torch.arange(m).expand(3, -1), 0)
-            self.forward([ScheduledChunk(data, 0, m, list(range(-(-m // self.block_size))))])
-        return sizes
+    def warm_up(
+        self,
+        prefill_sizes: list[int],
+        max_num_seqs: int = 0,
+        max_model_len: int | None = None,
+        images: bool = False,
+    ) -> None:
+        """Run once, before traffic, every kind of step the engine can launch, so that no
+        kernel compiles and no qmatmul M bucket is timed in the middle of traffic (a Triton
+        specialization first met mid-traffic stalls the step 0.3-5 s):
+        - a prefill of each size (the engine's: powers of two to max_num_batched_tokens, and
+          that: every M bucket, each query-tile plan); with max_model_len, each also as the
+          last tokens of a max_model_len context (the plans that split a long context);
+        - decodes of each power-of-two batch to max_num_seqs, and max_num_seqs: the fused
+          decode attention, the logits' row counts; with max_model_len, one at that context;
+        - with images, the vision tower on a one-token image and on a 16-token one (the two
+          query-tile plans of its attention).
+        Every chunk's blocks are block 0 (all reads, all writes: garbage no sequence holds
+        yet), so the pool's size bounds nothing here: call it before serving."""
+        bs = self.block_size
+
+        def chunk(length: int, tokens: int) -> ScheduledChunk:
+            data = SequenceData.from_prompt([1] * length, [], torch.arange(length).expand(3, -1), 0)
+            return ScheduledChunk(data, length - tokens, length, [0] * -(-length // bs))
+
+        for m in prefill_sizes:
+            self.forward([chunk(m, m)])
+            if max_model_len is not None and max_model_len > m:
+                self.forward([chunk(max_model_len, m)])
+        for b in powers_of_two_to(max_num_seqs) if max_num_seqs else []:
+            self.run([chunk(1, 1) for _ in range(b)])
+        if max_num_seqs and max_model_len is not None and max_model_len > 1:
+            self.run([chunk(max_model_len, 1)])
+        if images:
+            v = self.model.cfg.vision
+            merge = v.spatial_merge_size
+            for side in (merge, 4 * merge):
+                pixels = torch.randn(side * side, v.in_channels * v.temporal_patch_size * v.patch_size**2)
+                self.model.encode_images(pixels.to(self.model.dtype), [(1, side, side)])
 
     def image_features(self, images: list[ProcessedImage]) -> list[ImageFeatures]:
         """Features for each image, running the vision tower only for cache misses. Hits are
@@ -301,6 +328,11 @@ class ModelRunner:
             ids_t.index_copy_(0, *filled)
         hidden = self.model(ids_t, to_device(positions, dev, torch.long), self.kv_caches, meta, mm_embeds)
         return hidden, ends
+
+
+def powers_of_two_to(n: int) -> list[int]:
+    """1, 2, 4, ... below n, and n."""
+    return [1 << i for i in range(max(0, n - 1).bit_length()) if 1 << i < n] + [n]
 
 
 def _all_decodes(chunks: list[ScheduledChunk]) -> bool:
