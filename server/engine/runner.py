@@ -149,7 +149,7 @@ class ModelRunner:
             merge = v.spatial_merge_size
             for side in (merge, 4 * merge):
                 pixels = torch.randn(side * side, v.in_channels * v.temporal_patch_size * v.patch_size**2)
-                self.model.encode_images(pixels.to(self.model.dtype), [(1, side, side)])
+                self.model.encode_images(pixels, [(1, side, side)])  # float32, as the processor makes
 
     def image_features(self, images: list[ProcessedImage]) -> list[ImageFeatures]:
         """Features for each image, running the vision tower only for cache misses. Hits are
