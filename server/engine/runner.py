@@ -278,25 +278,33 @@ class ModelRunner:
         for r, index in enumerate(by_row):
             c = chunks[index]
             seq, start, end = c.seq, c.start, c.end
-            ids += seq.token_ids[start:end]
-            if end > len(seq.token_ids):  # the last token is still on the device
-                fill.add(len(ids), seq, pending)
-                ids.append(0)
-            tok_rows += [r] * (end - start)
-            tok_pos += range(start, end)
-            if start >= seq.num_prompt_tokens:  # generated tokens: t = h = w = index + delta
-                text_pos += range(start + seq.rope_delta, end + seq.rope_delta)
+            tokens = seq.token_ids
+            if end > len(tokens):  # the last token is still on the device
+                fill.add(len(ids) + end - 1 - start, seq, pending)
+            if end - start == 1 and start >= seq.num_prompt_tokens:  # a decode: the common row
+                ids.append(tokens[start] if start < len(tokens) else 0)
+                tok_rows.append(r)
+                tok_pos.append(start)
+                text_pos.append(start + seq.rope_delta)  # t = h = w = index + delta
             else:
-                if text_pos:
-                    pos_parts.append(torch.tensor(text_pos).expand(3, -1))
-                    text_pos = []
-                pos_parts.append(seq.positions(start, end))
-                try:
-                    mm = self._mm_rows(c)
-                except Exception as e:  # this request's images: fail it, not the step
-                    raise ChunkFault(index, e) from e
-                if mm is not None:
-                    mm_parts.append((q_loc[-1], mm))
+                ids += tokens[start:end]
+                if end > len(tokens):
+                    ids.append(0)  # filled from the device
+                tok_rows += [r] * (end - start)
+                tok_pos += range(start, end)
+                if start >= seq.num_prompt_tokens:  # generated tokens: t = h = w = index + delta
+                    text_pos += range(start + seq.rope_delta, end + seq.rope_delta)
+                else:
+                    if text_pos:
+                        pos_parts.append(torch.tensor(text_pos).expand(3, -1))
+                        text_pos = []
+                    pos_parts.append(seq.positions(start, end))
+                    try:
+                        mm = self._mm_rows(c)
+                    except Exception as e:  # this request's images: fail it, not the step
+                        raise ChunkFault(index, e) from e
+                    if mm is not None:
+                        mm_parts.append((q_loc[-1], mm))
             q_loc.append(q_loc[-1] + end - start)
             ends[index] = q_loc[-1]
             seq_lens.append(end)

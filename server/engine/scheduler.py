@@ -63,15 +63,18 @@ class Scheduler:
         (FCFS). A decode that needs a block and finds none preempts the newest running
         sequence (itself if it is the newest)."""
         plan = _StepPlan(self.max_num_batched_tokens)
+        block_size = self.bm.block_size
         for seq in self._running_decodes_first():
             if plan.budget <= 0:
                 break
-            if seq.status is not Status.RUNNING or self._ends_with_pending(seq):
+            if seq.status is not Status.RUNNING or (seq.num_pending and self._ends_with_pending(seq)):
                 continue  # preempted earlier in this pass, or nothing left to compute
-            end = plan.chunk_end(seq)
-            # the common case first: the blocks it has hold `end` (no call, no allocation)
-            if self.bm.blocks_needed(end) <= len(seq.block_table) or self._make_room(seq, end, plan):
-                plan.add(seq, end)
+            total = seq.num_tokens
+            end = plan.chunk_end(seq, total)
+            # the common case first: the blocks it has hold `end` (no call, no allocation);
+            # this loop runs once per running sequence per step, so it is kept to plain ops
+            if -(-end // block_size) <= len(seq.block_table) or self._make_room(seq, end, plan):
+                plan.add(seq, end, total)
 
         gated: list[Sequence] = []
         while self.waiting and plan.budget > 0 and len(self.running) < self.max_num_seqs:
@@ -84,15 +87,20 @@ class Scheduler:
                 break  # arrived (next step); FCFS, so nobody behind it goes first
             if not self._admit(seq):
                 break  # FCFS: nobody jumps the queue when the head does not fit
-            plan.add(seq, plan.chunk_end(seq))
+            total = seq.num_tokens
+            plan.add(seq, plan.chunk_end(seq, total), total)
         self.waiting.extendleft(reversed(gated))
         self.num_preemptions += plan.preempted
         return SchedulerOutput(plan.chunks, plan.seqs, plan.preempted)
 
     def _running_decodes_first(self) -> list[Sequence]:
         """Running sequences in admission order, decodes before chunked prefills."""
-        decodes = [s for s in self.running if not s.in_prefill]
-        return decodes + [s for s in self.running if s.in_prefill]
+        decodes: list[Sequence] = []
+        prefills: list[Sequence] = []
+        for s in self.running:
+            (prefills if s.in_prefill else decodes).append(s)
+        decodes += prefills
+        return decodes
 
     def _make_room(self, seq: Sequence, end: int, plan: _StepPlan) -> bool:
         """Blocks for `seq`'s tokens up to `end` (a prefill's were all taken at admission;
@@ -188,16 +196,16 @@ class _StepPlan:
         self.seqs: list[Sequence] = []  # parallel to chunks
         self.preempted = 0
 
-    def chunk_end(self, seq: Sequence) -> int:
-        """Where `seq`'s chunk ends: all the tokens it still needs, as far as the budget goes."""
-        return min(seq.num_tokens, seq.num_computed + self.budget)
+    def chunk_end(self, seq: Sequence, num_tokens: int) -> int:
+        """Where `seq`'s chunk ends: all the tokens it still needs (of its `num_tokens`), as
+        far as the budget goes."""
+        return min(num_tokens, seq.num_computed + self.budget)
 
-    def add(self, seq: Sequence, end: int) -> None:
-        """Run tokens [num_computed, end) of `seq`; logits only where its known tokens end."""
+    def add(self, seq: Sequence, end: int, num_tokens: int) -> None:
+        """Run tokens [num_computed, end) of `seq` (which has `num_tokens`: end is at most
+        that, less where the budget runs out); logits only where its known tokens end."""
         start = seq.num_computed
-        self.chunks.append(
-            ScheduledChunk(seq.data, start, end, seq.block_table, want_logits=end == seq.num_tokens)
-        )
+        self.chunks.append(ScheduledChunk(seq.data, start, end, seq.block_table, end == num_tokens))
         self.seqs.append(seq)
         self.budget -= end - start
 
