@@ -185,11 +185,11 @@ def _full_pool_with_two_decodes(pending: bool):
     from server.engine.scheduler import Scheduler, Sequence
     from server.engine.sequence import SequenceData
 
-    sched = Scheduler(BlockManager(4, 4, enable_prefix_caching=False), 4, 64, 64)
+    sched = Scheduler(BlockManager(4, 4, enable_prefix_caching=False), 4, 64)
     seqs = []
     for rid in ("old", "new"):
         data = SequenceData.from_prompt(list(range(1, 7)), [], torch.arange(6).expand(3, -1), 0)
-        seqs.append(Sequence(rid, 0, data, SamplingParams(max_tokens=20), BlockSpans()))
+        seqs.append(Sequence(rid, 0, data, SamplingParams(max_tokens=20), BlockSpans(), max_model_len=64))
         sched.add(seqs[-1])
     assert len(sched.schedule().chunks) == 2 and sched.bm.num_available == 0
     for seq in seqs:

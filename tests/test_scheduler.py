@@ -13,7 +13,7 @@ from server.engine.sequence import Sequence, SequenceData, Status
 
 def _seq(rid: str, prompt_len: int) -> Sequence:
     data = SequenceData.from_prompt(list(range(1, prompt_len + 1)), [], torch.zeros(3, prompt_len), 0)
-    return Sequence(rid, 0, data, SamplingParams(max_tokens=20), BlockSpans())
+    return Sequence(rid, 0, data, SamplingParams(max_tokens=20), BlockSpans(), max_model_len=256)
 
 
 def _chunks(out: SchedulerOutput) -> list[tuple[str, int, int, bool]]:
@@ -29,7 +29,7 @@ def _run(sched: Scheduler, out: SchedulerOutput) -> None:
 
 
 def test_decodes_then_chunked_prefills_then_admissions_under_the_budget() -> None:
-    sched = Scheduler(BlockManager(64, 4, enable_prefix_caching=False), 4, 8, 256)
+    sched = Scheduler(BlockManager(64, 4, enable_prefix_caching=False), 4, 8)
     a, b, c = _seq("a", 3), _seq("b", 20), _seq("c", 2)
     sched.add(a)
     out = sched.schedule()
@@ -51,7 +51,7 @@ def test_decodes_then_chunked_prefills_then_admissions_under_the_budget() -> Non
 
 def test_the_head_of_the_queue_that_does_not_fit_blocks_those_behind_it() -> None:
     """FCFS: a smaller request behind a head that finds no blocks is not admitted first."""
-    sched = Scheduler(BlockManager(4, 4, enable_prefix_caching=False), 4, 64, 16)
+    sched = Scheduler(BlockManager(4, 4, enable_prefix_caching=False), 4, 64)
     first, big, small = _seq("first", 7), _seq("big", 12), _seq("small", 2)
     for seq in (first, big, small):
         sched.add(seq)

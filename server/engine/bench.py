@@ -351,7 +351,8 @@ def _fake_running(core: EngineCore, batch: int, context: int, max_tokens: int) -
     prompt = [11] * context
     for i in range(batch):
         rid = f"o{batch}x{context}-{i}"
-        seq = Sequence(rid, 0, SequenceData.from_prompt(prompt, [], positions, 0), params, BlockSpans())
+        data = SequenceData.from_prompt(prompt, [], positions, 0)
+        seq = Sequence(rid, 0, data, params, BlockSpans(), core.max_model_len)
         got = core.block_manager.allocate_prompt(seq.data.token_ids, seq.spans, reserve=1)
         assert got is not None, "the fake pool is sized for every sequence"
         seq.block_table = got[0]

@@ -59,6 +59,7 @@ class BlockTable:
         if old is not None:
             host[: old.shape[0], : old.shape[1]] = old
         self.host = host
+        self._host_np = host.numpy()  # the same memory: element writes without tensor calls
         self.device_table = host.to(self.device, copy=True) if self.mirrored else host
 
     @property
@@ -87,7 +88,14 @@ class BlockTable:
         n = len(owners)
         self.step += 1
         self.reserve(n, max(widths, default=0))
-        recs = [self._sync(o, t) for o, t in zip(owners, tables)]
+        step, by_owner, recs = self.step, self._by_owner, []
+        for o, t in zip(owners, tables):
+            rec = by_owner.get(o)
+            if rec is not None and rec.blocks is t and rec.synced == len(t):  # nothing new: most rows
+                rec.last_step = step
+            else:
+                rec = self._sync(o, t)
+            recs.append(rec)
         outside = [r for r in recs if r.row >= n]
         if outside:
             taken = {r.row for r in recs}
@@ -128,17 +136,17 @@ class BlockTable:
                 self._at[rec.row] = rec
             rec.blocks, rec.synced = blocks, 0
         if len(blocks) > rec.synced:
-            self._write(rec.row, rec.synced, torch.tensor(blocks[rec.synced :], dtype=torch.long))
+            self._write(rec.row, rec.synced, blocks[rec.synced :])
             rec.synced = min(len(blocks), self.shape[1])  # the rest once the table is wider
         rec.last_step = self.step
         return rec
 
-    def _write(self, row: int, start: int, ids: torch.Tensor) -> None:
+    def _write(self, row: int, start: int, ids: list[int] | torch.Tensor) -> None:
         cols = self.shape[1]
         end = min(start + len(ids), cols)  # ids past the table's width are never read
         if end <= start:
             return
-        self.host[row, start:end] = ids[: end - start]
+        self._host_np[row, start:end] = ids[: end - start]
         self.writes += end - start
         if self.mirrored:
             self._dirty += range(row * cols + start, row * cols + end)

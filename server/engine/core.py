@@ -101,9 +101,7 @@ class EngineCore:
         self.runner.max_encode_patches = grid[0] * grid[1] * grid[2]  # never above the profiled peak
         self._prepare_steps()
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len
-        )
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
         self.token_counts = TokenCounts(cfg.text.vocab_size, model.device)  # for penalties
         self.requests: dict[str, list[Sequence]] = {}
         self.eos: dict[str, frozenset[int]] = {}
@@ -292,7 +290,9 @@ class EngineCore:
         seqs = []
         for i in range(req.params.n):
             data = SequenceData.from_prompt(req.prompt_token_ids, req.images, positions, delta)
-            seq = Sequence(req.request_id, i, data, req.params, spans, arrival_time=time.monotonic())
+            seq = Sequence(
+                req.request_id, i, data, req.params, spans, self.max_model_len, arrival_time=time.monotonic()
+            )
             seq.gate = seqs[0] if i > 0 and self.block_manager.enable_prefix_caching else None
             seqs.append(seq)
         if compiling is not None:
@@ -455,15 +455,15 @@ class EngineCore:
             return None
         if len(keep) < len(wanted):
             logits = logits.index_select(0, to_device(keep, logits.device, torch.long))
-        seqs = [wanted[i] for i in keep]
-        for s in seqs:
+        rows = []
+        for i in keep:
+            s = wanted[i]
+            if s.sampling is None or s.sampling.grammar is not s.grammar:
+                s.sampling = SamplingInput(s.params, s.data, s.index, self.eos[s.request_id], s.grammar)
             if s.grammar is not None:
-                s.grammar.sync(s.data.output_token_ids)
-        return sample_async(
-            logits,
-            [SamplingInput(s.params, s.data, s.index, self.eos[s.request_id], s.grammar) for s in seqs],
-            self.token_counts,
-        )
+                s.grammar.sync(s.data)
+            rows.append(s.sampling)
+        return sample_async(logits, rows, self.token_counts)
 
     def _samples_alone(self, logits: torch.Tensor, seq: Sequence, row: int) -> bool:
         try:
@@ -486,11 +486,12 @@ class EngineCore:
         result = inflight.sample.result()
         now = time.monotonic()
         outputs = []
+        finished = Status.FINISHED
         for seq, tok, lp in zip(inflight.seqs, result.token_ids, result.logprobs):
             seq.num_pending -= 1
-            if seq.status is Status.FINISHED:  # aborted or stopped while its token was in flight
+            if seq.status is finished:  # aborted or stopped while its token was in flight
                 continue
-            seq.data.append(tok)
+            seq.data.token_ids.append(tok)
             if seq.grammar is not None and not seq.grammar.advance(tok):
                 outputs += self.fail_request(seq.request_id, f"structured output: {seq.grammar.error}")
                 continue
@@ -515,10 +516,9 @@ class EngineCore:
         return outputs
 
     def _finish_reason(self, seq: Sequence, tok: int) -> tuple[FinishReason, int | str | None] | None:
-        stops = self.eos.get(seq.request_id, frozenset())
-        if tok in stops:
+        if tok in self.eos.get(seq.request_id, ()):
             return FinishReason.STOP, (tok if tok in seq.params.stop_token_ids else None)
-        if seq.data.num_output_tokens >= seq.params.max_output_tokens(seq.num_prompt, self.max_model_len):
+        if len(seq.data.token_ids) - seq.data.num_prompt_tokens >= seq.max_output_tokens:
             return FinishReason.LENGTH, None
         return None
 

@@ -216,6 +216,8 @@ class ModelRunner:
             return self.model.compute_logits(_in_chunk_order(hidden, rows))
         hidden, ends = self._forward(chunks, rows, width, pending)
         last = [end - 1 for c, end in zip(chunks, ends) if c.want_logits]
+        if last == list(range(hidden.shape[0])):  # every token, in order (a decode step)
+            return self.model.compute_logits(hidden)
         return self.model.compute_logits(hidden.index_select(0, to_device(last, hidden.device, torch.long)))
 
     def _run_decode_graph(
@@ -275,6 +277,7 @@ class ModelRunner:
         text_pos: list[int] = []  # run of positions equal on all three M-RoPE axes
         mm_parts: list[tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
         fill = _Fill()
+        longest = 1  # max_query_len: decode rows have one token
         for r, index in enumerate(by_row):
             c = chunks[index]
             seq, start, end = c.seq, c.start, c.end
@@ -287,6 +290,7 @@ class ModelRunner:
                 tok_pos.append(start)
                 text_pos.append(start + seq.rope_delta)  # t = h = w = index + delta
             else:
+                longest = max(longest, end - start)
                 ids += tokens[start:end]
                 if end > len(tokens):
                     ids.append(0)  # filled from the device
@@ -316,7 +320,7 @@ class ModelRunner:
             block_tables=self.block_table.view(n, width),
             seq_lens=to_device(seq_lens, dev, torch.long),
             query_start_loc=to_device(q_loc, dev, torch.long),
-            max_query_len=max(c.end - c.start for c in chunks),
+            max_query_len=longest,
             max_seq_len=max(seq_lens),
         )
         mm_embeds = None

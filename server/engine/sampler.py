@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,19 @@ class SamplingInput:
     sample_index: int = 0  # which of the n siblings
     stop_token_ids: frozenset[int] = frozenset()  # EOS ids + params.stop_token_ids, for min_tokens
     grammar: GrammarState | None = None  # its matcher, advanced to this row's last token
+    # greedy with nothing to apply or report: the whole batch may take the argmax alone
+    plain: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.plain = (
+            p.temperature < GREEDY_BELOW
+            and p.logprobs is None
+            and not p.logit_bias
+            and not p.min_tokens
+            and self.grammar is None
+            and not _penalized(self)
+        )
 
 
 @dataclass
@@ -284,6 +297,8 @@ def sample_async(
     reaches the device through non-blocking copies; the device copies back only the chosen
     ids and the requested logprobs."""
     logits = logits.float()
+    if all(r.plain for r in rows):  # the common batch: one argmax, no per-row passes
+        return PendingSample(logits.argmax(-1), None, [], [])
     dev = logits.device
     vocab = logits.shape[-1]
     want_lp = [i for i, r in enumerate(rows) if r.params.logprobs is not None]

@@ -35,12 +35,10 @@ class Scheduler:
         block_manager: BlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        max_model_len: int,
     ) -> None:
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -64,12 +62,13 @@ class Scheduler:
         sequence (itself if it is the newest)."""
         plan = _StepPlan(self.max_num_batched_tokens)
         block_size = self.bm.block_size
+        running = Status.RUNNING
         for seq in self._running_decodes_first():
             if plan.budget <= 0:
                 break
-            if seq.status is not Status.RUNNING or (seq.num_pending and self._ends_with_pending(seq)):
+            if seq.status is not running or (seq.num_pending and self._ends_with_pending(seq)):
                 continue  # preempted earlier in this pass, or nothing left to compute
-            total = seq.num_tokens
+            total = len(seq.data.token_ids) + seq.num_pending  # seq.num_tokens, read once
             end = plan.chunk_end(seq, total)
             # the common case first: the blocks it has hold `end` (no call, no allocation);
             # this loop runs once per running sequence per step, so it is kept to plain ops
@@ -97,8 +96,8 @@ class Scheduler:
         """Running sequences in admission order, decodes before chunked prefills."""
         decodes: list[Sequence] = []
         prefills: list[Sequence] = []
-        for s in self.running:
-            (prefills if s.in_prefill else decodes).append(s)
+        for s in self.running:  # s.in_prefill, inlined: this runs per sequence per step
+            (prefills if len(s.data.token_ids) + s.num_pending - s.num_computed > 1 else decodes).append(s)
         decodes += prefills
         return decodes
 
@@ -148,8 +147,7 @@ class Scheduler:
         scheduling it again would compute a token nobody gets."""
         if not seq.num_pending:
             return False
-        max_out = seq.params.max_output_tokens(seq.num_prompt, self.max_model_len)
-        return seq.num_tokens - seq.num_prompt >= max_out
+        return seq.num_tokens - seq.num_prompt >= seq.max_output_tokens
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: free the blocks, keep generated tokens, requeue at the front."""
@@ -164,13 +162,16 @@ class Scheduler:
 
     def after_step(self, out: SchedulerOutput) -> None:
         """Advance computed counts and publish newly full blocks to the prefix cache."""
+        caching, block_size = self.bm.enable_prefix_caching, self.bm.block_size
         for chunk, seq in zip(out.chunks, out.seqs):
             if seq.status is not Status.RUNNING:
                 continue
             seq.num_computed = chunk.end
-            seq.num_registered_blocks = self.bm.register_computed(
-                seq.block_table, seq.data.token_ids, seq.spans, seq.num_registered_blocks, seq.num_computed
-            )
+            # a decode fills a block once in block_size steps: skip the call in between
+            if caching and (seq.num_registered_blocks + 1) * block_size <= chunk.end:
+                seq.num_registered_blocks = self.bm.register_computed(
+                    seq.block_table, seq.data.token_ids, seq.spans, seq.num_registered_blocks, chunk.end
+                )
 
     def finish(self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None) -> None:
         if seq.status is Status.FINISHED:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,6 +18,7 @@ from server.model.images import ProcessedImage
 if TYPE_CHECKING:
     from .kv_cache import BlockSpans
     from .messages import FinishReason
+    from .sampler import SamplingInput
     from .sampling_params import SamplingParams
     from .structured import GrammarState
 
@@ -97,7 +98,7 @@ class PendingTokens:
     rows: dict[SequenceData, int]
 
 
-@dataclass
+@dataclass(slots=True)  # a few hundred per step
 class ScheduledChunk:
     """Tokens [start, end) of `seq` run this step; the first `start` are already cached."""
 
@@ -121,6 +122,7 @@ class Sequence:
     data: SequenceData
     params: SamplingParams
     spans: BlockSpans
+    max_model_len: InitVar[int]
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
@@ -134,11 +136,16 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     grammar: GrammarState | None = None  # structured output: this sequence's own matcher
+    sampling: SamplingInput | None = None  # its sampler row, made once (the engine's core)
+    max_output_tokens: int = field(init=False)  # the params' rule for this prompt, once
+
+    def __post_init__(self, max_model_len: int) -> None:
+        self.max_output_tokens = self.params.max_output_tokens(self.data.num_prompt_tokens, max_model_len)
 
     @property
     def num_tokens(self) -> int:
         """Known tokens plus the one still on the device (async scheduling)."""
-        return len(self.data) + self.num_pending
+        return len(self.data.token_ids) + self.num_pending
 
     @property
     def num_prompt(self) -> int:

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     import llguidance
     from tokenizers import Tokenizer
 
+    from .sequence import SequenceData
+
 Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar", "tool_calls"]
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "tool_calls")
 MAX_SPEC_CHARS = 256 * 1024  # a grammar's text; the compile cost grows with it
@@ -263,13 +265,15 @@ class GrammarState:
         self.matcher = compiled.new_matcher()
         self.num_consumed = 0
 
-    def sync(self, output_token_ids: list[int]) -> None:
-        """Rebuild from the output tokens if they and the matcher disagree (never on the
-        normal path: preemption keeps the outputs, so the matcher stays valid)."""
-        if self.num_consumed != len(output_token_ids):
+    def sync(self, data: SequenceData) -> None:
+        """Rebuild from the sequence's output tokens if they and the matcher disagree (never
+        on the normal path: preemption keeps the outputs, so the matcher stays valid). Only
+        counts are compared on the way: this runs per constrained row per step."""
+        if self.num_consumed != data.num_output_tokens:
+            outputs = data.output_token_ids
             self.matcher = self.compiled.new_matcher()
-            self.matcher.consume_tokens(list(output_token_ids))
-            self.num_consumed = len(output_token_ids)
+            self.matcher.consume_tokens(outputs)
+            self.num_consumed = len(outputs)
 
     def advance(self, token_id: int) -> bool:
         """Consume a sampled token; False: the grammar refused it (the matcher's error)."""
