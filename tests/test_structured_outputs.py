@@ -134,13 +134,21 @@ def test_tool_calls_are_valid_blocks(llm):
                 jsonschema.validate(call["arguments"], schemas[call["name"]])
 
 
-def test_preemption_and_async_scheduling_keep_outputs_valid_and_equal(llm, demo_dir):
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_preemption_and_async_scheduling_keep_outputs_valid_and_equal(llm, demo_dir, async_scheduling):
     """A tiny KV pool forces preemption (recompute keeps the outputs, so the matchers
-    stay valid); async scheduling collects step N before sampling step N+1: same outputs."""
+    stay valid), under async scheduling (step N collected before step N+1 is sampled)
+    and sync: same outputs."""
     params = _params(temperature=1.0, seed=11, max_tokens=60)
     prompts = [p + f" {i}" * 20 for i in range(6) for p in PROMPTS[:1]]
     expected = [o.outputs[0].text for o in llm.generate(prompts, params)]
-    tight = LLM(str(demo_dir("w8")), device="cpu", max_model_len=192, num_kv_blocks=16, async_scheduling=True)
+    tight = LLM(
+        str(demo_dir("w8")),
+        device="cpu",
+        max_model_len=192,
+        num_kv_blocks=16,
+        async_scheduling=async_scheduling,
+    )
     got = [o.outputs[0].text for o in tight.generate(prompts, params)]
     assert tight.engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
     assert got == expected and all(_valid(t) for t in got)

@@ -354,9 +354,19 @@ def _set_bits(packed: np.ndarray, words: np.ndarray, vocab: int) -> np.ndarray:
     return tokens[tokens < vocab]
 
 
+# Logit elements from which the host's row-by-row apply beats one batched unpack (its fixed
+# cost is ~5 us a row): measured at 64 rows, 4,096 tokens 0.47 vs 0.28 ms, 32,768 0.71 vs 1.70.
+_ROW_BY_ROW_FROM = 1 << 18
+
+
 def apply_bitmask(logits: torch.Tensor, rows: list[int], mask: torch.Tensor) -> None:
     """logits[rows] (in place) at -inf where the host mask's bit is 0."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+    if (
+        logits.device.type == "cpu"
+        and logits.dtype == torch.float32
+        and logits.is_contiguous()
+        and len(rows) * logits.shape[1] >= _ROW_BY_ROW_FROM
+    ):
         _apply_on_host(logits.numpy(), rows, mask.numpy())
     else:
         _apply_on_device(logits, rows, mask)
