@@ -42,6 +42,7 @@ from .messages import (
     Failed,
     FinishReason,
     FinishSequence,
+    FirstTokenTimes,
     Ready,
     Shutdown,
     StepOutputs,
@@ -89,8 +90,7 @@ class RequestDelta:
     num_prompt_tokens: int
     num_cached_tokens: int = 0
     finished: bool = False
-    queue_time: float | None = None
-    first_token_latency: float | None = None
+    first_token: FirstTokenTimes | None = None  # the first sampled sibling's, once it came
     completion_tokens: list[int] = field(default_factory=list)  # per sibling, so far
 
 
@@ -204,6 +204,14 @@ def engine_main(
 
 # ---------------------------------------------------------------------------------------
 # API side
+
+
+def _stamp_returned(outputs: list[EngineOutput], now: float) -> None:
+    """The TTFT breakdown's end of transit out of the engine, stamped as the reader thread gets
+    the step (what follows, the event loop and detokenizing, is the API's)."""
+    for out in outputs:
+        if out.first_token is not None:
+            out.first_token.returned = now
 
 
 class _Pending:
@@ -364,6 +372,7 @@ class AsyncEngine:
             match msg:
                 case StepOutputs(outputs=outputs, rejected=rejected, stats=stats):
                     self._last_progress = time.monotonic()
+                    _stamp_returned(outputs, self._last_progress)
                     self._stats = stats
                     if self.on_stats is not None:
                         try:
@@ -435,9 +444,10 @@ class AsyncEngine:
             if not self._owned:
                 self._busy_since = time.monotonic()  # the stall clock starts with the work
             self._owned[rid] = set(range(params.n))
+            req.sent_time = time.monotonic()
             self._inbox.put(AddRequest(req))
             num_cached = 0
-            queue_time = first_latency = None
+            first_token: FirstTokenTimes | None = None
             while True:
                 item = await pending.queue.get()
                 batch = [item]
@@ -452,8 +462,9 @@ class AsyncEngine:
                     t = trackers[out.index]
                     if out.num_prompt_tokens:
                         num_cached = max(num_cached, out.num_cached_tokens)
-                        if queue_time is None:
-                            queue_time, first_latency = out.queue_time, out.first_token_latency
+                    if first_token is None and out.first_token is not None:
+                        first_token = out.first_token
+                        first_token.sent = req.sent_time
                     if t.update(out):
                         self._inbox.put(FinishSequence(rid, out.index))  # stop string: free its blocks
                         self._release(rid, out.index)
@@ -471,8 +482,7 @@ class AsyncEngine:
                     len(inputs.prompt_token_ids),
                     num_cached,
                     done,
-                    queue_time,
-                    first_latency,
+                    first_token,
                     [len(t.token_ids) for t in trackers],
                 )
                 if done:
