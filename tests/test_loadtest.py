@@ -111,7 +111,7 @@ def test_bench_serving_json_matches_server(server: ServerProcess, tmp_path: Path
         "--num-prompts", str(n), "--random-input-len", "24", "--random-output-len", str(out_len),
         "--image-sizes", "64x64,256x192", "--images-per-request", "1", "--image-fraction", "0.5",
         "--max-concurrency", "4", "--ignore-eos", "--metric-percentiles", "50,99",
-        "--goodput", "ttft:600000", "tpot:600000", "e2el:600000", "--json", str(out),
+        "--goodput", "ttft:600000", "tpot:600000", "e2el:600000", "--json", str(out), "--ttft-breakdown",
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -142,6 +142,15 @@ def test_bench_serving_json_matches_server(server: ServerProcess, tmp_path: Path
         assert 0 < r[f"median_{m}_ms"] <= r[f"p99_{m}_ms"], m
         assert r[f"p50_{m}_ms"] == pytest.approx(r[f"median_{m}_ms"])
     assert r["mean_ttft_ms"] <= r["mean_e2el_ms"]
+
+    # --ttft-breakdown: the server's parts of these n requests add up to its TTFT, inside the client's
+    bd = r["ttft_breakdown"]
+    assert "Server TTFT breakdown" in res.stdout
+    assert bd["requests"] == n
+    assert bd["sum_of_parts_ms"] == pytest.approx(bd["mean_ttft_ms"], rel=0.05, abs=3)
+    assert 0 < bd["mean_ttft_ms"] <= r["mean_ttft_ms"]
+    assert all(v >= 0 for v in bd["mean_ms"].values()), bd
+    assert 0 < bd["mean_ms"]["vision_encode"] <= bd["mean_ms"]["prefill_time"]  # half had an image
 
     # token counts are the server's: its counters moved by exactly the benchmark's totals
     after = scrape(server.url)
@@ -197,6 +206,22 @@ def test_bench_metrics_math() -> None:
     assert r["max_output_tokens_per_s"] == 5  # `ok`'s 5 tokens all fall in the first second
     assert r["errors"] == ["", "", "HTTP 503"]
     assert b.calculate_metrics([ok], 1.0, [99.0], {})["request_goodput"] is None
+
+
+def test_bench_ttft_breakdown_math() -> None:
+    b = load_bench()
+    before = {k: (1.0, 0.5) for k in b.BREAKDOWN_HISTOGRAMS}
+    after = {k: (3.0, 0.5 + 0.01 * (i + 1)) for i, k in enumerate(b.BREAKDOWN_HISTOGRAMS)}
+    bd = b.ttft_breakdown(before, after)
+    assert bd["requests"] == 2
+    assert bd["mean_ttft_ms"] == pytest.approx(5.0)  # ttft is the first entry: 0.01 s over 2
+    assert bd["mean_ms"]["detokenize"] == pytest.approx(
+        0.01 * (list(b.BREAKDOWN_HISTOGRAMS).index("detokenize") + 1) / 2 * 1000
+    )
+    assert bd["share"]["queue_time"] == pytest.approx(bd["mean_ms"]["queue_time"] / 5.0)
+    assert bd["sum_of_parts_ms"] == pytest.approx(sum(bd["mean_ms"][p] for p in b.TTFT_PARTS))
+    assert b.ttft_breakdown(before, before) is None  # no request in between
+    assert b.parse_args(["--ttft-breakdown"]).ttft_breakdown
 
 
 def test_bench_arrivals_and_args() -> None:
