@@ -13,7 +13,8 @@
 Workload: random text of a set token length (disjoint windows of a tokenized random word
 stream, turned back into text by the server's /detokenize: exact lengths in the server's
 tokenizer, and no shared prefixes for the prefix cache to reuse), random noise images of set
-sizes (a new image per request), and a fixed output length (`--ignore-eos`).
+sizes (a new image per request), and a fixed output length (`--ignore-eos`). `--word-prompts`
+makes the texts words of the same seeded stream whatever the server (comparisons).
 Requests go out at `--request-rate` (Poisson, or gamma with `--burstiness`) and/or under
 `--max-concurrency`, all streamed.
 
@@ -152,8 +153,8 @@ async def build_workload(
     out_lens = sample_lens(n, args.random_output_len, args.random_range_ratio, rng)
     # disjoint windows of one random stream: the prefix cache finds nothing to share but the
     # chat template, as with vLLM's random token ids
-    pool = await token_pool(client, sum(in_lens), rng)
-    if pool is None:
+    pool = None if args.word_prompts else await token_pool(client, sum(in_lens), rng)
+    if pool is None and not args.word_prompts:
         print("warning: the server has no /tokenize; input lengths are in words, not tokens", file=sys.stderr)
     sizes = parse_sizes(args.image_sizes)
     requests = []
@@ -209,7 +210,7 @@ async def send_request(
     out = RequestOutput(start_time=time.time())
     st = last = time.perf_counter()
     text: list[str] = []
-    done = False
+    done = finished = False
     try:
         async with client.stream("POST", endpoint, json=body) as resp:
             if resp.status_code != 200:
@@ -229,6 +230,7 @@ async def send_request(
                     raise ValueError(f"error event: {json.dumps(chunk['error'])[:300]}")
                 now = time.perf_counter()
                 for choice in chunk.get("choices") or []:
+                    finished = finished or bool(choice.get("finish_reason"))
                     piece = choice["delta"].get("content") if chat else choice.get("text")
                     if piece:
                         if not text:
@@ -241,7 +243,9 @@ async def send_request(
                     out.prompt_len = chunk["usage"]["prompt_tokens"]
                     out.output_tokens = chunk["usage"]["completion_tokens"]
         out.latency = time.perf_counter() - st
-        if not done:
+        if (
+            not done and not finished
+        ):  # a finish_reason alone ends it too (transformers serve sends no [DONE])
             raise ValueError("stream ended without data: [DONE]")
         if out.output_tokens == 0 and out.prompt_len == 0:
             raise ValueError("no usage in the stream (the server must honor stream_options.include_usage)")
@@ -542,6 +546,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--random-input-len", type=int, default=256, help="text tokens per prompt")
     ap.add_argument("--random-output-len", type=int, default=64, help="max_tokens per request")
     ap.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths vary by +-this fraction")
+    ap.add_argument("--word-prompts", action="store_true",
+                    help="input lengths in words, not the server's tokens: the same texts for any server")  # fmt: skip
     ap.add_argument("--image-sizes", default=None, help="WxH[,WxH...]: each image picks one at random")
     ap.add_argument("--images-per-request", type=int, default=0)
     ap.add_argument("--image-fraction", type=float, default=1.0, help="share of requests that carry images")

@@ -32,11 +32,11 @@ VLLM_FIELDS = [
 ]  # fmt: skip
 
 
-def load_bench() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_serving", REPO / "loadtest" / "bench_serving.py")
+def load_bench(name: str = "bench_serving") -> Any:
+    spec = importlib.util.spec_from_file_location(name, REPO / "loadtest" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_serving"] = module  # dataclasses look their module up
+    sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -240,3 +240,22 @@ def test_bench_arrivals_and_args() -> None:
         b.parse_args(["--goodput", "latency:10"])
     with pytest.raises(SystemExit):
         b.parse_args(["--plot", "x.png"])  # a plot needs a sweep
+
+
+def test_compare_transformers_serve_args_and_table() -> None:
+    """The manual comparison's arguments and report (it starts servers, so it is not run here)."""
+    c = load_bench("compare_transformers_serve")
+    args = c.parse_args(["--concurrency", "1,8", "--servers", "grace-serve"])
+    assert args.concurrencies == [1, 8] and args.server_list == ["grace-serve"]
+    for bad in (["--servers", "vllm"], ["--concurrency", "0"]):
+        with pytest.raises(SystemExit):
+            c.parse_args(bad)
+    assert c.torchvision_version("2.13.0+cpu") == "0.28"
+    cmd = c.server_command("transformers", 9000, Path("/m"), args)
+    assert cmd[1:3] == ["serve", "--continuous-batching"] and "127.0.0.1" in cmd and cmd[-1] == "/m"
+    run = {"max_concurrency": 8, "completed": 4, "failed": 0, "p50_ttft_ms": 20.0, "mean_ttft_ms": 21.0,
+           "output_throughput": 300.0, "mean_tpot_ms": 3.0}  # fmt: skip
+    rows = c.summary(
+        {"grace-serve": [run], "transformers": [run | {"p50_ttft_ms": 10.0, "output_throughput": 100.0}]}
+    )
+    assert "c=8: TTFT p50 ratio (ours/theirs) 2.00, output throughput ratio 3.00" in c.table(rows)
