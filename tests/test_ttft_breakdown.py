@@ -125,3 +125,26 @@ def test_engine_threads_sleep_between_parallel_regions(server):
     prefill, TTFT's largest part, 40x slower next to another busy process on 2 cores)."""
     environ = Path(f"/proc/{server.engine_pid()}/environ").read_bytes().split(b"\0")
     assert b"OMP_WAIT_POLICY=PASSIVE" in environ
+
+
+def test_pixels_cross_the_boundary_as_arrays_and_come_back_as_the_same_tensors():
+    """Shorter transit into the engine: no torch shared-memory handoff for image pixels."""
+    import pickle
+
+    import numpy as np
+    import torch
+
+    from server.engine.client import _tensor_pixels, _wire_pixels
+    from server.engine.messages import EngineRequest
+    from server.engine.sampling_params import SamplingParams
+    from server.model.images import ProcessedImage
+
+    pixels = torch.rand(48, 1536)
+    req = EngineRequest("r", [1, 2], SamplingParams(), [ProcessedImage(pixels, (1, 6, 8), "h")])
+    wired = pickle.loads(pickle.dumps(_wire_pixels(req)))
+    assert isinstance(wired.images[0].pixel_values, np.ndarray)
+    back = _tensor_pixels(wired).images[0]
+    assert isinstance(back.pixel_values, torch.Tensor) and torch.equal(back.pixel_values, pixels)
+    assert (back.grid_thw, back.content_hash) == ((1, 6, 8), "h")
+    text = EngineRequest("t", [1], SamplingParams())
+    assert _wire_pixels(text) is text and _tensor_pixels(text) is text

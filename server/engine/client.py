@@ -24,8 +24,10 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from server.model.model_config import ModelConfig
 from server.model.processor import Processor, PromptInputs
@@ -141,6 +143,25 @@ def _engine_environment() -> Iterator[None]:
         del os.environ["OMP_WAIT_POLICY"]
 
 
+def _wire_pixels(req: EngineRequest) -> EngineRequest:
+    """Images cross the process boundary as numpy arrays: torch pickles a tensor through its
+    shared-memory handoff (a new segment, its descriptor sent over a socket, Python code in the
+    queue's feeder thread fighting the event loop for the GIL), an array is one buffer copy."""
+    if not req.images:
+        return req
+    return replace(req, images=[replace(im, pixel_values=im.pixel_values.numpy()) for im in req.images])
+
+
+def _tensor_pixels(req: EngineRequest) -> EngineRequest:
+    """The engine side of _wire_pixels: tensors again, sharing the arrays' memory."""
+    if not req.images or not any(isinstance(im.pixel_values, np.ndarray) for im in req.images):
+        return req
+    import torch
+
+    images = [replace(im, pixel_values=torch.from_numpy(im.pixel_values)) for im in req.images]
+    return replace(req, images=images)
+
+
 def _brief(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}"
     return text if len(text) <= 300 else text[:297] + "..."
@@ -183,7 +204,7 @@ def engine_main(
             match cmd:
                 case AddRequest(request=req):
                     try:
-                        core.add_request(req)
+                        core.add_request(_tensor_pixels(req))
                     except RequestRejected as e:
                         rejected.append((req.request_id, str(e)))
                     except Exception as e:  # a fault in this request's own inputs: only it fails
@@ -465,7 +486,7 @@ class AsyncEngine:
                 self._busy_since = time.monotonic()  # the stall clock starts with the work
             self._owned[rid] = set(range(params.n))
             req.sent_time = time.monotonic()
-            self._inbox.put(AddRequest(req))
+            self._inbox.put(AddRequest(_wire_pixels(req) if not self.inline else req))
             num_cached = 0
             first_token: FirstTokenTimes | None = None
             while True:
