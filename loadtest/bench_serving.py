@@ -13,7 +13,8 @@
 Workload: random text of a set token length (disjoint windows of a tokenized random word
 stream, turned back into text by the server's /detokenize: exact lengths in the server's
 tokenizer, and no shared prefixes for the prefix cache to reuse), random noise images of set
-sizes (a new image per request), and a fixed output length (`--ignore-eos`).
+sizes (a new image per request), and a fixed output length (`--ignore-eos`). `--word-prompts`
+makes the texts words of the same seeded stream whatever the server (comparisons).
 Requests go out at `--request-rate` (Poisson, or gamma with `--burstiness`) and/or under
 `--max-concurrency`, all streamed.
 
@@ -22,6 +23,11 @@ between successive text chunks; TPOT = (E2EL - TTFT) / (output tokens - 1); E2EL
 sent -> end of the stream. Token counts are the server's own (`usage` of the last chunk):
 input tokens include the chat template and the image tokens. Goodput counts requests that
 meet every SLO given with `--goodput ttft:MS tpot:MS e2el:MS`.
+
+`--ttft-breakdown` (grace-serve only): reads the server's /metrics before and after the
+measured requests and prints where its mean TTFT went, part by part (docs/METRICS.md, "Where
+the time to first token goes"): the parts add up to the server's TTFT, which starts when the
+request reaches the API (the client's also holds the connection and the HTTP parsing).
 """
 
 from __future__ import annotations
@@ -50,6 +56,12 @@ METRIC_HEADERS = {
     "itl": ("ITL", "Inter-token Latency"),
     "e2el": ("E2EL", "End-to-end Latency"),
 }
+# The server's TTFT parts, in order (they add up to its TTFT), and the vision time inside prefill.
+SERVER_PREFIX = "grace_serve_"
+TTFT_PARTS = ("api_preprocess", "engine_transit_in", "queue_time", "prefill_time", "engine_transit_out",
+              "detokenize")  # fmt: skip
+BREAKDOWN_HISTOGRAMS = {"ttft": "time_to_first_token_seconds", "vision_encode": "request_vision_encode_seconds",
+                        **{p: f"request_{p}_seconds" for p in TTFT_PARTS}}  # fmt: skip
 # Plain words: the server's tokenizer splits them as it would real text.
 WORDS = (
     "the of and to in is that it for was on are as with his they at be this from have or by one had "
@@ -141,8 +153,8 @@ async def build_workload(
     out_lens = sample_lens(n, args.random_output_len, args.random_range_ratio, rng)
     # disjoint windows of one random stream: the prefix cache finds nothing to share but the
     # chat template, as with vLLM's random token ids
-    pool = await token_pool(client, sum(in_lens), rng)
-    if pool is None:
+    pool = None if args.word_prompts else await token_pool(client, sum(in_lens), rng)
+    if pool is None and not args.word_prompts:
         print("warning: the server has no /tokenize; input lengths are in words, not tokens", file=sys.stderr)
     sizes = parse_sizes(args.image_sizes)
     requests = []
@@ -198,7 +210,7 @@ async def send_request(
     out = RequestOutput(start_time=time.time())
     st = last = time.perf_counter()
     text: list[str] = []
-    done = False
+    done = finished = False
     try:
         async with client.stream("POST", endpoint, json=body) as resp:
             if resp.status_code != 200:
@@ -218,6 +230,7 @@ async def send_request(
                     raise ValueError(f"error event: {json.dumps(chunk['error'])[:300]}")
                 now = time.perf_counter()
                 for choice in chunk.get("choices") or []:
+                    finished = finished or bool(choice.get("finish_reason"))
                     piece = choice["delta"].get("content") if chat else choice.get("text")
                     if piece:
                         if not text:
@@ -230,7 +243,9 @@ async def send_request(
                     out.prompt_len = chunk["usage"]["prompt_tokens"]
                     out.output_tokens = chunk["usage"]["completion_tokens"]
         out.latency = time.perf_counter() - st
-        if not done:
+        if (
+            not done and not finished
+        ):  # a finish_reason alone ends it too (transformers serve sends no [DONE])
             raise ValueError("stream ended without data: [DONE]")
         if out.output_tokens == 0 and out.prompt_len == 0:
             raise ValueError("no usage in the stream (the server must honor stream_options.include_usage)")
@@ -241,6 +256,65 @@ async def send_request(
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
         out.error = f"{type(e).__name__}: {e}"
     return out
+
+
+# -- the server's TTFT breakdown ------------------------------------------------------------
+
+
+async def histogram_totals(client: httpx.AsyncClient) -> dict[str, tuple[float, float]] | None:
+    """(count, sum) of each BREAKDOWN_HISTOGRAMS entry from /metrics (None: not a grace-serve)."""
+    try:
+        resp = await client.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    if resp.status_code != 200:
+        return None
+    samples: dict[str, float] = {}
+    for line in resp.text.splitlines():
+        if line.startswith(SERVER_PREFIX):
+            name, _, value = line.rpartition(" ")
+            key = name.split("{", 1)[0]
+            samples[key] = samples.get(key, 0.0) + float(value)
+    totals = {}
+    for part, hist in BREAKDOWN_HISTOGRAMS.items():
+        count, total = (
+            samples.get(SERVER_PREFIX + hist + "_count"),
+            samples.get(SERVER_PREFIX + hist + "_sum"),
+        )
+        if count is None or total is None:
+            return None
+        totals[part] = (count, total)
+    return totals
+
+
+def ttft_breakdown(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, Any] | None:
+    """Mean ms of each part over the requests between two scrapes, and its share of the TTFT."""
+    moved = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after}
+    n, ttft = moved["ttft"]
+    if n <= 0:
+        return None
+    parts = {p: moved[p][1] / n * 1000 for p in (*TTFT_PARTS, "vision_encode")}
+    mean_ttft = ttft / n * 1000
+    return {
+        "requests": int(n),
+        "mean_ttft_ms": mean_ttft,
+        "mean_ms": parts,
+        "share": {p: v / mean_ttft if mean_ttft > 0 else 0.0 for p, v in parts.items()},
+        "sum_of_parts_ms": sum(parts[p] for p in TTFT_PARTS),
+    }
+
+
+def breakdown_report(bd: dict[str, Any]) -> str:
+    lines = ["{s:{c}^{n}}".format(s=f" Server TTFT breakdown ({bd['requests']} requests) ", n=50, c="-")]
+    lines.append(f"{'Part':<28} {'Mean (ms)':>10} {'Share':>9}")
+    for p in (*TTFT_PARTS, "vision_encode"):
+        label = "  (vision_encode, in prefill)" if p == "vision_encode" else p
+        lines.append(f"{label:<28} {bd['mean_ms'][p]:>10.2f} {bd['share'][p] * 100:>8.1f}%")
+    lines.append(f"{'sum of parts':<28} {bd['sum_of_parts_ms']:>10.2f}")
+    lines.append(f"{'server TTFT':<28} {bd['mean_ttft_ms']:>10.2f}")
+    return "\n".join(lines)
 
 
 # -- scheduling ---------------------------------------------------------------------------
@@ -268,6 +342,9 @@ async def run_once(
 
     delays = arrival_delays(len(bodies), args.request_rate, args.burstiness, np.random.default_rng(seed))
     gate: Any = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
+    scraped = await histogram_totals(client) if args.ttft_breakdown else None
+    if args.ttft_breakdown and scraped is None:
+        print("warning: no grace-serve TTFT histograms at /metrics: no breakdown", file=sys.stderr)
     start = time.perf_counter()
 
     async def one(body: dict[str, Any], delay: float) -> RequestOutput:
@@ -278,6 +355,9 @@ async def run_once(
     outputs = await asyncio.gather(*(one(b, d) for b, d in zip(bodies, delays)))
     duration = time.perf_counter() - start
     result = calculate_metrics(outputs, duration, args.percentiles, args.goodput_slos)
+    if scraped is not None:
+        after = await histogram_totals(client)
+        result["ttft_breakdown"] = ttft_breakdown(scraped, after) if after is not None else None
     result.update(
         date=datetime.now().strftime("%Y%m%d-%H%M%S"),
         backend=args.backend,
@@ -466,6 +546,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--random-input-len", type=int, default=256, help="text tokens per prompt")
     ap.add_argument("--random-output-len", type=int, default=64, help="max_tokens per request")
     ap.add_argument("--random-range-ratio", type=float, default=0.0, help="lengths vary by +-this fraction")
+    ap.add_argument("--word-prompts", action="store_true",
+                    help="input lengths in words, not the server's tokens: the same texts for any server")  # fmt: skip
     ap.add_argument("--image-sizes", default=None, help="WxH[,WxH...]: each image picks one at random")
     ap.add_argument("--images-per-request", type=int, default=0)
     ap.add_argument("--image-fraction", type=float, default=1.0, help="share of requests that carry images")
@@ -493,6 +575,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--json", dest="json_out", default=None, metavar="OUT", help="write the result(s) as JSON"
     )
     ap.add_argument("--save-detailed", action="store_true", help="add per-request ITLs and texts to the JSON")
+    ap.add_argument("--ttft-breakdown", action="store_true",
+                    help="print (and write to the JSON) where the server's mean TTFT went, from its /metrics")  # fmt: skip
     ap.add_argument("--plot", default=None, metavar="OUT.png", help="latency vs throughput plot of a sweep")
     args = ap.parse_args(argv)
 
@@ -552,6 +636,8 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                   f"Maximum request concurrency: {concurrency}", flush=True)  # fmt: skip
             result = await run_once(args, concurrency, args.seed + i, client, model)
             print(report(result, args.percentiles), flush=True)
+            if result.get("ttft_breakdown"):
+                print(breakdown_report(result["ttft_breakdown"]), flush=True)
             errors = [e for e in result["errors"] if e]
             if errors:
                 print(f"first error ({len(errors)} failed): {errors[0]}", file=sys.stderr)

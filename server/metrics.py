@@ -5,7 +5,7 @@ renaming; docs/METRICS.md has the mapping.
 Engine-wide numbers (running/waiting, KV usage, preemptions, prefix cache, tokens per step)
 come from the engine's per-step stats; per-request numbers (TTFT, inter-token latency, e2e,
 queue time, token counts, finish reasons) are recorded by the API process as each request
-streams (RequestMetrics).
+streams (RequestMetrics), TTFT with its breakdown into parts that add up to it (TTFT_PARTS).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
-from server.engine.messages import ENGINE_FINISH_REASONS, FinishReason
+from server.engine.messages import ENGINE_FINISH_REASONS, FinishReason, FirstTokenTimes
 
 PREFIX = "grace_serve_"
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -28,6 +28,23 @@ REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 ITERATION_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 LOOP_LAG_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 IMAGE_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+# Our TTFT parts can be sub-millisecond (the process boundary): finer at the low end.
+TTFT_PART_BUCKETS = [0.0001, 0.00025, 0.0005, *TTFT_BUCKETS]
+# The TTFT cut at each stamp of a request's way to its first token, in order: (histogram name,
+# help). They add up to time_to_first_token; vLLM's queue and prefill names and buckets kept.
+TTFT_PARTS = (
+    ("request_api_preprocess_seconds",
+     "Arrival in the API to the request handed to the engine client: parsing, templating, tokenizing, images."),
+    ("request_engine_transit_in_seconds",
+     "Handed to the engine client to taken in by the engine process (the queue between them)."),
+    ("request_queue_time_seconds", "Histogram of time spent in WAITING phase for request."),
+    ("request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request."),
+    ("request_engine_transit_out_seconds",
+     "First token sampled in the engine to its step's outputs read by the API process."),
+    ("request_detokenize_seconds",
+     "First token's outputs read by the API process to its text ready to send (event loop, detokenizer)."),
+)  # fmt: skip
+VLLM_PART_BUCKETS = {"request_queue_time_seconds", "request_prefill_time_seconds"}
 FINISH_REASONS = tuple(r.value for r in ENGINE_FINISH_REASONS)
 
 
@@ -106,10 +123,14 @@ class Metrics:
             "Histogram of e2e request latency in seconds.",
             REQUEST_LATENCY_BUCKETS,
         )
-        self.request_queue_time = histogram(
-            "request_queue_time_seconds",
-            "Histogram of time spent in WAITING phase for request.",
-            REQUEST_LATENCY_BUCKETS,
+        self.ttft_parts = [
+            histogram(name, doc, REQUEST_LATENCY_BUCKETS if name in VLLM_PART_BUCKETS else TTFT_PART_BUCKETS)
+            for name, doc in TTFT_PARTS
+        ]
+        self.vision_encode = histogram(
+            "request_vision_encode_seconds",
+            "Vision tower time for the request's images before its first token (inside prefill).",
+            TTFT_PART_BUCKETS,
         )
         # grace-serve's own (no vLLM counterpart)
         self.http_requests = Counter(
@@ -201,7 +222,6 @@ class RequestMetrics:
         self.num_prompt_tokens = 0
         self.num_cached_tokens = 0
         self.completion_tokens: list[int] = []
-        self.queue_time: float | None = None
         self.finish_reasons: dict[int, FinishReason] = {}
         self.done = False
         self.rejected = False  # refused by the engine (a 400): not a served request
@@ -218,8 +238,6 @@ class RequestMetrics:
         now = time.monotonic()
         self.num_prompt_tokens = delta.num_prompt_tokens
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
-        if self.queue_time is None and delta.queue_time is not None:
-            self.queue_time = delta.queue_time
         before = max(self.completion_tokens, default=0)
         self.completion_tokens = list(delta.completion_tokens)
         new = max(self.completion_tokens, default=0) - before
@@ -227,6 +245,8 @@ class RequestMetrics:
             if self.first_token_time is None:
                 self.first_token_time = now
                 self.m.time_to_first_token.observe(now - self.arrival)
+                if delta.first_token is not None:
+                    self._observe_breakdown(delta.first_token, now)
                 new -= 1
             elif self.last_token_time is not None and new > 0:
                 # several steps may arrive together: spread the gap over their tokens
@@ -237,6 +257,11 @@ class RequestMetrics:
         for d in delta.deltas:
             if d.finish_reason is not None:
                 self.finish_reasons[d.index] = d.finish_reason
+
+    def _observe_breakdown(self, times: FirstTokenTimes, delivered: float) -> None:
+        for hist, part in zip(self.m.ttft_parts, ttft_parts(self.arrival, times, delivered)):
+            hist.observe(part)
+        self.m.vision_encode.observe(times.vision_encode)
 
     def finish(self, n: int, aborted: bool = False) -> None:
         """Record the request once: finished normally, or aborted (disconnect, error)."""
@@ -252,5 +277,17 @@ class RequestMetrics:
         m.request_prompt_tokens.observe(self.num_prompt_tokens)
         m.request_generation_tokens.observe(self.total_completion_tokens)
         m.e2e_request_latency.observe(time.monotonic() - self.arrival)
-        if self.queue_time is not None:
-            m.request_queue_time.observe(self.queue_time)
+
+
+def ttft_parts(arrival: float, times: FirstTokenTimes, delivered: float) -> list[float]:
+    """The TTFT_PARTS of one request: the gaps between consecutive stamps, so they add up to
+    delivered - arrival (its TTFT)."""
+    stamps = [arrival, times.sent, times.received, times.scheduled, times.sampled, times.returned, delivered]
+    out, last = [], arrival
+    for t in stamps[1:]:
+        if t is None:  # a missing stamp: its gap goes to the next part
+            out.append(0.0)
+            continue
+        out.append(t - last)
+        last = t
+    return out

@@ -268,7 +268,7 @@ def test_request_metrics_accounting():
     def delta(tokens: list[int], finish: str | None = None) -> SimpleNamespace:
         seqs = [SimpleNamespace(index=i, finish_reason=finish) for i in range(len(tokens))]
         return SimpleNamespace(
-            num_prompt_tokens=10, num_cached_tokens=0, queue_time=0.01, completion_tokens=tokens, deltas=seqs
+            num_prompt_tokens=10, num_cached_tokens=0, first_token=None, completion_tokens=tokens, deltas=seqs
         )
 
     rm = RequestMetrics(m)

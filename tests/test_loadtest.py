@@ -32,11 +32,11 @@ VLLM_FIELDS = [
 ]  # fmt: skip
 
 
-def load_bench() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_serving", REPO / "loadtest" / "bench_serving.py")
+def load_bench(name: str = "bench_serving") -> Any:
+    spec = importlib.util.spec_from_file_location(name, REPO / "loadtest" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_serving"] = module  # dataclasses look their module up
+    sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -111,7 +111,7 @@ def test_bench_serving_json_matches_server(server: ServerProcess, tmp_path: Path
         "--num-prompts", str(n), "--random-input-len", "24", "--random-output-len", str(out_len),
         "--image-sizes", "64x64,256x192", "--images-per-request", "1", "--image-fraction", "0.5",
         "--max-concurrency", "4", "--ignore-eos", "--metric-percentiles", "50,99",
-        "--goodput", "ttft:600000", "tpot:600000", "e2el:600000", "--json", str(out),
+        "--goodput", "ttft:600000", "tpot:600000", "e2el:600000", "--json", str(out), "--ttft-breakdown",
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -142,6 +142,15 @@ def test_bench_serving_json_matches_server(server: ServerProcess, tmp_path: Path
         assert 0 < r[f"median_{m}_ms"] <= r[f"p99_{m}_ms"], m
         assert r[f"p50_{m}_ms"] == pytest.approx(r[f"median_{m}_ms"])
     assert r["mean_ttft_ms"] <= r["mean_e2el_ms"]
+
+    # --ttft-breakdown: the server's parts of these n requests add up to its TTFT, inside the client's
+    bd = r["ttft_breakdown"]
+    assert "Server TTFT breakdown" in res.stdout
+    assert bd["requests"] == n
+    assert bd["sum_of_parts_ms"] == pytest.approx(bd["mean_ttft_ms"], rel=0.05, abs=3)
+    assert 0 < bd["mean_ttft_ms"] <= r["mean_ttft_ms"]
+    assert all(v >= 0 for v in bd["mean_ms"].values()), bd
+    assert 0 < bd["mean_ms"]["vision_encode"] <= bd["mean_ms"]["prefill_time"]  # half had an image
 
     # token counts are the server's: its counters moved by exactly the benchmark's totals
     after = scrape(server.url)
@@ -199,6 +208,22 @@ def test_bench_metrics_math() -> None:
     assert b.calculate_metrics([ok], 1.0, [99.0], {})["request_goodput"] is None
 
 
+def test_bench_ttft_breakdown_math() -> None:
+    b = load_bench()
+    before = {k: (1.0, 0.5) for k in b.BREAKDOWN_HISTOGRAMS}
+    after = {k: (3.0, 0.5 + 0.01 * (i + 1)) for i, k in enumerate(b.BREAKDOWN_HISTOGRAMS)}
+    bd = b.ttft_breakdown(before, after)
+    assert bd["requests"] == 2
+    assert bd["mean_ttft_ms"] == pytest.approx(5.0)  # ttft is the first entry: 0.01 s over 2
+    assert bd["mean_ms"]["detokenize"] == pytest.approx(
+        0.01 * (list(b.BREAKDOWN_HISTOGRAMS).index("detokenize") + 1) / 2 * 1000
+    )
+    assert bd["share"]["queue_time"] == pytest.approx(bd["mean_ms"]["queue_time"] / 5.0)
+    assert bd["sum_of_parts_ms"] == pytest.approx(sum(bd["mean_ms"][p] for p in b.TTFT_PARTS))
+    assert b.ttft_breakdown(before, before) is None  # no request in between
+    assert b.parse_args(["--ttft-breakdown"]).ttft_breakdown
+
+
 def test_bench_arrivals_and_args() -> None:
     import numpy as np
 
@@ -215,3 +240,22 @@ def test_bench_arrivals_and_args() -> None:
         b.parse_args(["--goodput", "latency:10"])
     with pytest.raises(SystemExit):
         b.parse_args(["--plot", "x.png"])  # a plot needs a sweep
+
+
+def test_compare_transformers_serve_args_and_table() -> None:
+    """The manual comparison's arguments and report (it starts servers, so it is not run here)."""
+    c = load_bench("compare_transformers_serve")
+    args = c.parse_args(["--concurrency", "1,8", "--servers", "grace-serve"])
+    assert args.concurrencies == [1, 8] and args.server_list == ["grace-serve"]
+    for bad in (["--servers", "vllm"], ["--concurrency", "0"]):
+        with pytest.raises(SystemExit):
+            c.parse_args(bad)
+    assert c.torchvision_version("2.13.0+cpu") == "0.28"
+    cmd = c.server_command("transformers", 9000, Path("/m"), args)
+    assert cmd[1:3] == ["serve", "--continuous-batching"] and "127.0.0.1" in cmd and cmd[-1] == "/m"
+    run = {"max_concurrency": 8, "completed": 4, "failed": 0, "p50_ttft_ms": 20.0, "mean_ttft_ms": 21.0,
+           "output_throughput": 300.0, "mean_tpot_ms": 3.0}  # fmt: skip
+    rows = c.summary(
+        {"grace-serve": [run], "transformers": [run | {"p50_ttft_ms": 10.0, "output_throughput": 100.0}]}
+    )
+    assert "c=8: TTFT p50 ratio (ours/theirs) 2.00, output throughput ratio 3.00" in c.table(rows)

@@ -23,9 +23,11 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from server.model.model_config import ModelConfig
 from server.model.processor import Processor, PromptInputs
@@ -42,6 +44,7 @@ from .messages import (
     Failed,
     FinishReason,
     FinishSequence,
+    FirstTokenTimes,
     Ready,
     Shutdown,
     StepOutputs,
@@ -89,8 +92,7 @@ class RequestDelta:
     num_prompt_tokens: int
     num_cached_tokens: int = 0
     finished: bool = False
-    queue_time: float | None = None
-    first_token_latency: float | None = None
+    first_token: FirstTokenTimes | None = None  # the first sampled sibling's, once it came
     completion_tokens: list[int] = field(default_factory=list)  # per sibling, so far
 
 
@@ -120,6 +122,44 @@ def _yield_cpu_to_api(args: EngineArgs) -> None:
     if on_cpu:
         with contextlib.suppress(OSError):
             os.nice(ENGINE_CPU_NICENESS)
+
+
+@contextlib.contextmanager
+def _engine_environment() -> Iterator[None]:
+    """Environment the engine process starts with (a spawned process copies os.environ when
+    it starts; OpenMP reads it when torch loads, so it must be set before). Its OpenMP threads
+    sleep when a parallel region ends instead of spinning (OMP_WAIT_POLICY=PASSIVE, unless
+    the user set a policy): on a CPU shared with any other busy process, spinning threads
+    steal the core the straggler of each region needs, and a step takes 30-50x longer (demo,
+    2 cores, one other CPU-bound process: TTFT p50 1.1 s -> 25 ms, TPOT 120 -> 3 ms, BENCHMARKS.md).
+    On CUDA the engine's host work has next to no parallel regions."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        yield
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        yield
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+
+
+def _wire_pixels(req: EngineRequest) -> EngineRequest:
+    """Images cross the process boundary as numpy arrays: torch pickles a tensor through its
+    shared-memory handoff (a new segment, its descriptor sent over a socket, Python code in the
+    queue's feeder thread fighting the event loop for the GIL), an array is one buffer copy."""
+    if not req.images:
+        return req
+    return replace(req, images=[replace(im, pixel_values=im.pixel_values.numpy()) for im in req.images])
+
+
+def _tensor_pixels(req: EngineRequest) -> EngineRequest:
+    """The engine side of _wire_pixels: tensors again, sharing the arrays' memory."""
+    if not req.images or not any(isinstance(im.pixel_values, np.ndarray) for im in req.images):
+        return req
+    import torch
+
+    images = [replace(im, pixel_values=torch.from_numpy(im.pixel_values)) for im in req.images]
+    return replace(req, images=images)
 
 
 def _brief(e: BaseException) -> str:
@@ -164,7 +204,7 @@ def engine_main(
             match cmd:
                 case AddRequest(request=req):
                     try:
-                        core.add_request(req)
+                        core.add_request(_tensor_pixels(req))
                     except RequestRejected as e:
                         rejected.append((req.request_id, str(e)))
                     except Exception as e:  # a fault in this request's own inputs: only it fails
@@ -204,6 +244,14 @@ def engine_main(
 
 # ---------------------------------------------------------------------------------------
 # API side
+
+
+def _stamp_returned(outputs: list[EngineOutput], now: float) -> None:
+    """The TTFT breakdown's end of transit out of the engine, stamped as the reader thread gets
+    the step (what follows, the event loop and detokenizing, is the API's)."""
+    for out in outputs:
+        if out.first_token is not None:
+            out.first_token.returned = now
 
 
 class _Pending:
@@ -270,7 +318,8 @@ class AsyncEngine:
             self._proc = ctx.Process(
                 target=engine_main, args=(args, self._inbox, self._outbox, self.log_setup), daemon=True
             )
-        self._proc.start()
+        with _engine_environment():
+            self._proc.start()
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -364,6 +413,7 @@ class AsyncEngine:
             match msg:
                 case StepOutputs(outputs=outputs, rejected=rejected, stats=stats):
                     self._last_progress = time.monotonic()
+                    _stamp_returned(outputs, self._last_progress)
                     self._stats = stats
                     if self.on_stats is not None:
                         try:
@@ -435,9 +485,10 @@ class AsyncEngine:
             if not self._owned:
                 self._busy_since = time.monotonic()  # the stall clock starts with the work
             self._owned[rid] = set(range(params.n))
-            self._inbox.put(AddRequest(req))
+            req.sent_time = time.monotonic()
+            self._inbox.put(AddRequest(_wire_pixels(req) if not self.inline else req))
             num_cached = 0
-            queue_time = first_latency = None
+            first_token: FirstTokenTimes | None = None
             while True:
                 item = await pending.queue.get()
                 batch = [item]
@@ -452,8 +503,9 @@ class AsyncEngine:
                     t = trackers[out.index]
                     if out.num_prompt_tokens:
                         num_cached = max(num_cached, out.num_cached_tokens)
-                        if queue_time is None:
-                            queue_time, first_latency = out.queue_time, out.first_token_latency
+                    if first_token is None and out.first_token is not None:
+                        first_token = out.first_token
+                        first_token.sent = req.sent_time
                     if t.update(out):
                         self._inbox.put(FinishSequence(rid, out.index))  # stop string: free its blocks
                         self._release(rid, out.index)
@@ -471,8 +523,7 @@ class AsyncEngine:
                     len(inputs.prompt_token_ids),
                     num_cached,
                     done,
-                    queue_time,
-                    first_latency,
+                    first_token,
                     [len(t.token_ids) for t in trackers],
                 )
                 if done:

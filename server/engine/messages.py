@@ -46,7 +46,22 @@ class EngineRequest:
     params: SamplingParams
     images: list[ProcessedImage] = field(default_factory=list)
     eos_token_ids: list[int] = field(default_factory=list)
-    arrival_time: float = field(default_factory=time.time)
+    sent_time: float = field(default_factory=time.monotonic)  # handed to the engine client
+
+
+@dataclass(slots=True)
+class FirstTokenTimes:
+    """Where one sequence's time to first token went, as time.monotonic() stamps: Linux's
+    CLOCK_MONOTONIC, one clock for both processes of a machine, so stamps taken on either
+    side of the boundary subtract. The engine sends them with a sequence's first output only;
+    the API process adds its own two. metrics.RequestMetrics turns them into the breakdown."""
+
+    received: float  # the engine process took the request in (add_request)
+    scheduled: float  # first scheduled (the queue wait ends)
+    sampled: float  # the first token is on the engine's host
+    vision_encode: float = 0.0  # seconds the vision tower ran for its images (part of prefill)
+    sent: float | None = None  # API: the AddRequest was handed to the engine client (sent_time)
+    returned: float | None = None  # API: the reader thread got the step's outputs
 
 
 @dataclass(slots=True)  # one per sequence per step: slots make it cheaper to build
@@ -62,8 +77,7 @@ class EngineOutput:
     error: str | None = None  # finish_reason ERROR: what failed (this request only)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
-    queue_time: float | None = None  # seconds waiting before first scheduled
-    first_token_latency: float | None = None  # seconds from arrival to first token
+    first_token: FirstTokenTimes | None = None  # on the sequence's first output only
 
 
 @dataclass
