@@ -3,8 +3,6 @@ request and over the real server stack (`python -m server --model demo` on 127.0
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -119,15 +117,6 @@ def test_parts_add_up_to_ttft_over_http(server, content, stream, with_image):
     vision = diff[VISION[len(PREFIX) :]][1]
     assert (vision > 0) == with_image, vision
     assert vision <= diff["request_prefill_time_seconds"][1]  # the tower runs inside the prefill
-
-
-def test_engine_threads_sleep_between_parallel_regions(server):
-    """The engine process starts with OMP_WAIT_POLICY=PASSIVE (spinning OpenMP threads made the
-    prefill, TTFT's largest part, 40x slower next to another busy process on 2 cores)."""
-    if "OMP_WAIT_POLICY" in os.environ:
-        pytest.skip("the user's own OMP_WAIT_POLICY wins")
-    environ = Path(f"/proc/{server.engine_pid()}/environ").read_bytes().split(b"\0")
-    assert b"OMP_WAIT_POLICY=PASSIVE" in environ
 
 
 def test_pixels_cross_the_boundary_as_arrays_and_come_back_as_the_same_tensors():

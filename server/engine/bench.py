@@ -488,6 +488,10 @@ def main(argv: list[str] | None = None) -> None:
         label = f"random-2b-w{a.bits}g128"
     t0 = time.perf_counter()
     core = EngineCore(args, model=model)
+    if a.structured and core.grammar_compiler is None:  # random weights come without a tokenizer
+        vocab = core.model.cfg.text.vocab_size
+        tok = _synthetic_tokenizer(vocab)
+        core.grammar_compiler = GrammarCompiler(tok, vocab, [tok.token_to_id("<|im_end|>")])
     startup = _startup(core, time.perf_counter() - t0)
     print("engine start:", ", ".join(f"{k} {v}" for k, v in startup.items()))
     rows = run(core, batches, a.prompt_len, a.decode_tokens, a.sampled_batch, a.structured)

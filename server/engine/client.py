@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -122,25 +122,6 @@ def _yield_cpu_to_api(args: EngineArgs) -> None:
     if on_cpu:
         with contextlib.suppress(OSError):
             os.nice(ENGINE_CPU_NICENESS)
-
-
-@contextlib.contextmanager
-def _engine_environment() -> Iterator[None]:
-    """Environment the engine process starts with (a spawned process copies os.environ when
-    it starts; OpenMP reads it when torch loads, so it must be set before). Its OpenMP threads
-    sleep when a parallel region ends instead of spinning (OMP_WAIT_POLICY=PASSIVE, unless
-    the user set a policy): on a CPU shared with any other busy process, spinning threads
-    steal the core the straggler of each region needs, and a step takes 30-50x longer (demo,
-    2 cores, one other CPU-bound process: TTFT p50 1.1 s -> 25 ms, TPOT 120 -> 3 ms, BENCHMARKS.md).
-    On CUDA the engine's host work has next to no parallel regions."""
-    if "OMP_WAIT_POLICY" in os.environ:
-        yield
-        return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        yield
-    finally:
-        del os.environ["OMP_WAIT_POLICY"]
 
 
 def _wire_pixels(req: EngineRequest) -> EngineRequest:
@@ -318,8 +299,7 @@ class AsyncEngine:
             self._proc = ctx.Process(
                 target=engine_main, args=(args, self._inbox, self._outbox, self.log_setup), daemon=True
             )
-        with _engine_environment():
-            self._proc.start()
+        self._proc.start()
         deadline = time.monotonic() + timeout
         while True:
             try:
