@@ -255,3 +255,66 @@ def test_penalized_min_tokens_batch_samples_as_row_by_row() -> None:
     expected = _penalties_per_row(logits, rows)
     expected[1::2].scatter_(1, masked[1::2][:, 1:], float("-inf"))
     assert batch == expected.argmax(-1).tolist()  # greedy: the penalized, masked argmax
+
+
+def test_greedy_tokens_are_argmax_also_on_ties_infinities_and_nan() -> None:
+    """greedy_tokens (max's indices, faster on CPU) picks what argmax picks: the first
+    maximum. Tried: many ties (values in {0, 1, 2}) over odd widths that cross vector and
+    thread chunks, -inf columns, bf16-rounded rows, an all--inf row, NaN (argmax's NaN wins)."""
+    from server.engine.sampler import greedy_tokens
+
+    g = torch.Generator().manual_seed(0)
+    for width in (1, 7, 33, 512, 4099, 151_936):
+        x = torch.randint(0, 3, (5, width), generator=g).float()
+        x[1, ::3] = float("-inf")
+        x[2] = x[2].bfloat16().float()
+        x[3] = float("-inf")
+        if width > 5:
+            x[4, width // 2] = float("nan")
+        assert torch.equal(greedy_tokens(x), x.argmax(-1)), width
+
+
+def test_cpu_nucleus_probe_picks_what_the_full_sort_picks(monkeypatch) -> None:
+    """On CPU a filtered row samples over its top NUCLEUS_PROBE logits when every token its
+    filters keep is there: the same token as the full sort for the same draw. Tried: peaked
+    rows (the probe holds the nucleus), peaks with a heavy tail, flat rows (they fall back),
+    top-p, top-k inside and beyond the probe, min-p, combinations; both paths must run."""
+    from server.engine import sampler
+
+    g = torch.Generator().manual_seed(3)
+    width, n = 8192, 96
+    logits = torch.randn(n, width, generator=g)
+    logits[::3, :20] += torch.linspace(12, 4, 20)  # peaked rows,
+    logits[1::3, :20] += torch.linspace(9, 6, 20)  # a heavy tail beside the peak,
+    # and flat rows
+    configs = [
+        {"top_p": 0.9},
+        {"top_k": 40},
+        {"top_k": 200},
+        {"min_p": 0.05},
+        {"top_p": 0.95, "top_k": 30},
+        {"top_p": 0.6, "min_p": 0.02},
+        {"top_k": 200, "top_p": 0.6},  # normalized over its top-k, wider than the probe
+    ]
+    data = SequenceData.from_prompt([1, 2, 3], [], torch.zeros(3, 3, dtype=torch.long), 0)
+    rows = [
+        SamplingInput(SamplingParams(temperature=0.9, seed=i, **configs[i % len(configs)]), data)  # type: ignore[arg-type]
+        for i in range(n)
+    ]
+    full_sorts: list[int] = []
+    real = sampler._filtered_sorted_probs
+
+    def counted(x: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        full_sorts.append(x.shape[0])
+        return real(x, *rest)
+
+    monkeypatch.setattr(sampler, "_filtered_sorted_probs", counted)
+    monkeypatch.setattr(sampler, "NUCLEUS_PROBE", 64)
+    probed = sample(logits.clone(), rows).token_ids
+    assert 0 < sum(full_sorts) < n, f"both paths should run: {full_sorts} of {n} rows fell back"
+    flat = [i for i in range(n) if i % 3 == 2 and "top_k" not in configs[i % len(configs)]]
+    flat = [i for i in flat if "min_p" not in configs[i % len(configs)]]
+    flat_probed = sample(logits[flat].clone(), [rows[i] for i in flat]).token_ids  # sorts at once
+    monkeypatch.setattr(sampler, "NUCLEUS_PROBE", width)  # vocab <= 2 x probe: no probe
+    assert sample(logits.clone(), rows).token_ids == probed
+    assert flat_probed == [probed[i] for i in flat]

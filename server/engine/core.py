@@ -457,7 +457,7 @@ class EngineCore:
         if not keep:
             return None
         if len(keep) < len(wanted):
-            logits = logits.index_select(0, to_device(keep, logits.device, torch.long))
+            logits = logits[to_device(keep, logits.device, torch.long)]  # not index_select (sampler.py)
         rows = []
         for i in keep:
             s = wanted[i]
