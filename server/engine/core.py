@@ -457,7 +457,7 @@ class EngineCore:
         if not keep:
             return None
         if len(keep) < len(wanted):
-            logits = logits[to_device(keep, logits.device, torch.long)]  # not index_select (sampler.py)
+            logits = logits.index_select(0, to_device(keep, logits.device, torch.long))
         rows = []
         for i in keep:
             s = wanted[i]

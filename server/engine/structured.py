@@ -383,4 +383,4 @@ def _apply_on_device(logits: torch.Tensor, rows: list[int], mask: torch.Tensor) 
         logits.masked_fill_(forbidden, float("-inf"))
         return
     idx = to_device(rows, logits.device, torch.long)
-    logits.index_copy_(0, idx, logits[idx].masked_fill_(forbidden, float("-inf")))  # not index_select
+    logits.index_copy_(0, idx, logits.index_select(0, idx).masked_fill_(forbidden, float("-inf")))
