@@ -75,7 +75,7 @@ def uniform_draw(key: int) -> float:
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax, the first maximum on ties. On CPU max's indices are the same ids
-    (tests/test_sampler.py) ~3x faster than argmax (64 x 151,936: 4.4 vs 13.1 ms); a GPU
+    (tests/test_sampler.py) ~3x faster than argmax (64 x 151,936: 2.1 vs 6.2 ms); a GPU
     keeps argmax (its speed there is not the question)."""
     return logits.max(-1).indices if logits.device.type == "cpu" else logits.argmax(-1)
 
@@ -294,13 +294,19 @@ def _sample_rows(logits: torch.Tensor, rows: list[SamplingInput], filtered: bool
     draws = _draws(rows)
     if dev.type == "cpu" and scaled.shape[-1] > 2 * NUCLEUS_PROBE:
         return _sample_probed(scaled, top_k, top_p, min_p, draws)
+    return _sample_sorted(scaled, top_k, top_p, min_p, draws)
+
+
+def _sample_sorted(
+    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, draws: list[float]
+) -> torch.Tensor:
     probs, order = _filtered_sorted_probs(scaled, top_k, top_p, min_p)
     return order.gather(1, _inverse_cdf(probs, draws)[:, None])[:, 0]
 
 
-# On CPU a filtered row first looks at its top NUCLEUS_PROBE logits: a full sort of 151,936
-# is ~9 ms a row there (64 rows: 588 ms), topk(1024) + logsumexp ~1 ms. A GPU sorts instead:
-# choosing per row would need the device's answer on the host (a sync per step).
+# On CPU a filtered row first looks at its top NUCLEUS_PROBE logits: the full sort of 64 x
+# 151,936 takes ~310 ms there, topk(1024) ~21 ms and a logsumexp ~16 ms. A GPU sorts
+# instead: choosing per row would need the device's answer on the host (a sync per step).
 NUCLEUS_PROBE = 1024
 
 
@@ -319,8 +325,7 @@ def _sample_probed(
     # top-p in every row (a flat distribution, as random weights give), sort at once
     p_max = (scaled.amax(-1) - lse).exp()
     if not (within_k | (min_p > 0) | (NUCLEUS_PROBE * p_max >= top_p)).any():
-        probs_f, order = _filtered_sorted_probs(scaled, top_k, top_p, min_p)
-        return order.gather(1, _inverse_cdf(probs_f, draws)[:, None])[:, 0]
+        return _sample_sorted(scaled, top_k, top_p, min_p, draws)
     vals, ids = scaled.topk(NUCLEUS_PROBE, dim=-1)  # sorted, descending
     ranks = torch.arange(NUCLEUS_PROBE).expand(n, -1)
     drop = ranks >= torch.where(top_k > 0, top_k, vocab)[:, None]
@@ -343,8 +348,9 @@ def _sample_probed(
         chosen[at] = ids.index_select(0, at).gather(1, pos[:, None])[:, 0]
     if rest:
         at = torch.tensor(rest)
-        probs_f, order = _filtered_sorted_probs(scaled.index_select(0, at), top_k[at], top_p[at], min_p[at])
-        chosen[at] = order.gather(1, _inverse_cdf(probs_f, [draws[i] for i in rest])[:, None])[:, 0]
+        chosen[at] = _sample_sorted(
+            scaled.index_select(0, at), top_k[at], top_p[at], min_p[at], [draws[i] for i in rest]
+        )
     return chosen
 
 
