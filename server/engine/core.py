@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from .runner import ChunkFault, ModelRunner, powers_of_two_to
 from .sampler import PendingSample, SamplingInput, TokenCounts, sample_async
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
-from .sequence import PendingTokens, ScheduledChunk, Sequence, SequenceData, Status
+from .sequence import PendingTokens, Sequence, SequenceData, Status
 from .structured import CompiledGrammar, GrammarCompiler, GrammarState, StructuredOutput
 
 _T = TypeVar("_T")
@@ -101,7 +100,6 @@ class EngineCore:
         grid = self.largest_image_grid
         self.runner.max_encode_patches = grid[0] * grid[1] * grid[2]  # never above the profiled peak
         self._prepare_steps()
-        self.vision_seconds = _time_vision(self.runner)  # per sequence, until its first token
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
         self.token_counts = TokenCounts(cfg.text.vocab_size, model.device)  # for penalties
@@ -503,7 +501,7 @@ class EngineCore:
                 seq.first_token_time = now
                 out.num_prompt_tokens = seq.num_prompt
                 out.num_cached_tokens = seq.num_cached_prompt_tokens
-                vision = self.vision_seconds.pop(seq.data, 0.0)
+                vision = self.runner.vision_seconds.pop(seq.data, 0.0)
                 out.first_token = FirstTokenTimes(seq.arrival_time, seq.scheduled_time or now, now, vision)
             reason = self._finish_reason(seq, tok)
             if reason is None and seq.grammar is not None and seq.grammar.ended_by(tok):
@@ -542,24 +540,6 @@ class EngineCore:
             device=self.model.device.type,
             kernel_backend=self.kernel_backend,
         )
-
-
-def _time_vision(runner: ModelRunner) -> weakref.WeakKeyDictionary[SequenceData, float]:
-    """Seconds each sequence's chunks spent getting image rows (the vision tower on encoder
-    cache misses), for the TTFT breakdown: wraps the runner's per-chunk image step instead of
-    touching its step code. Host time: on CUDA the tower's launches are asynchronous."""
-    seconds: weakref.WeakKeyDictionary[SequenceData, float] = weakref.WeakKeyDictionary()
-    mm_rows = runner._mm_rows
-
-    def timed(chunk: ScheduledChunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        t0 = time.monotonic()
-        rows = mm_rows(chunk)
-        if rows is not None:
-            seconds[chunk.seq] = seconds.get(chunk.seq, 0.0) + time.monotonic() - t0
-        return rows
-
-    runner._mm_rows = timed  # type: ignore[method-assign]
-    return seconds
 
 
 def _image_spans(token_ids: list[int], images: list[ProcessedImage], image_token_id: int) -> BlockSpans:

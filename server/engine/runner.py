@@ -8,6 +8,8 @@ block tables and the image rows that fall into each chunk.
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -84,6 +86,9 @@ class ModelRunner:
         self.block_table = BlockTable(1, 1, model.device)
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self.vision_runs = 0  # images actually encoded (cache misses), for tests and stats
+        # host seconds each sequence's chunks spent getting image rows (the TTFT breakdown's
+        # vision_encode; on CUDA the tower's launches are asynchronous: a lower bound)
+        self.vision_seconds: weakref.WeakKeyDictionary[SequenceData, float] = weakref.WeakKeyDictionary()
         self.decode_graphs: DecodeGraphs | None = None
         # Most patches encoded in one vision-tower call (the profiled largest image); larger
         # sets of images are encoded in groups so a step never exceeds the profiled peak.
@@ -178,6 +183,7 @@ class ModelRunner:
         n_prompt = seq.num_prompt_tokens
         if not seq.images or chunk.start >= n_prompt:
             return None
+        t0 = time.monotonic()
         start, end = chunk.start, min(chunk.end, n_prompt)
         image_token_id = self.model.cfg.image_token_id
         inside = [
@@ -193,6 +199,7 @@ class ModelRunner:
         deep = torch.cat([f.deepstack[:, a:b] for f, (a, b) in zip(feats, cuts)], dim=1)
         mask = torch.zeros(chunk.end - chunk.start, dtype=torch.bool)
         mask[: end - start] = seq.image_mask(image_token_id)[start:end]
+        self.vision_seconds[seq] = self.vision_seconds.get(seq, 0.0) + time.monotonic() - t0
         return mask, embeds, deep
 
     def _place(self, chunks: list[ScheduledChunk]) -> tuple[list[int], int]:

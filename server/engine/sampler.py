@@ -204,11 +204,18 @@ def _filtered_sorted_probs(
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
     drop = ranks >= k[:, None]
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    _drop_outside_nucleus(probs, drop, top_p, min_p)
+    return probs.masked_fill_(drop, 0.0), order
+
+
+def _drop_outside_nucleus(
+    probs: torch.Tensor, drop: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> None:
+    """Add to `drop` (in place) the sorted positions top-p and min-p leave out."""
     cum_before = probs.cumsum(-1) - probs
     drop |= cum_before >= top_p[:, None]  # keep the smallest prefix whose mass reaches top_p
     drop |= probs < (min_p[:, None] * probs[:, :1])
     drop[:, 0].fill_(False)  # the most likely token always survives
-    return probs.masked_fill_(drop, 0.0), order
 
 
 def _draws(rows: list[SamplingInput]) -> list[float]:
@@ -332,10 +339,7 @@ def _sample_probed(
     # normalized as the full path does: over the top-k when it is set, else the whole row
     norm = torch.where(within_k, vals.masked_fill(drop, float("-inf")).logsumexp(-1), lse)
     probs = (vals - norm[:, None]).exp().masked_fill_(drop, 0.0)
-    cum_before = probs.cumsum(-1) - probs
-    drop |= cum_before >= top_p[:, None]
-    drop |= probs < (min_p[:, None] * probs[:, :1])
-    drop[:, 0].fill_(False)
+    _drop_outside_nucleus(probs, drop, top_p, min_p)
     holds = within_k | ((top_p < 1.0) & (probs.sum(-1) >= top_p)) | ((min_p > 0) & drop[:, -1])
     holds &= (top_k == 0) | (top_k <= NUCLEUS_PROBE)  # a wider top-k normalizes beyond the probe
     flags = holds.tolist()
