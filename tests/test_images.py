@@ -207,6 +207,24 @@ def test_exif_rotated_jpeg_is_turned_upright():
     assert preprocess_image(data, settings_for()).grid_thw == (1, 4, 2)  # tall now
 
 
+def test_an_upright_rgb_image_is_decoded_without_whole_frame_copies(monkeypatch):
+    """An upright RGB image went through two copies of its decoded frame (EXIF transpose, then
+    convert to the mode it had): 140 ms and 288 MB at 36 Mpx. Counted by Image.copy and
+    Image.convert calls, which are what made them."""
+    calls: list[str] = []
+    for name in ("copy", "convert"):
+        original = getattr(Image.Image, name)
+        monkeypatch.setattr(
+            Image.Image,
+            name,
+            lambda self, *a, _o=original, _n=name, **k: calls.append(_n) or _o(self, *a, **k),
+        )
+    data = encode(random_rgb(64, 48), "PNG")
+    image = load_image(data, settings_for())
+    assert calls == [] and image.mode == "RGB" and image.size == (64, 48)
+    assert np.array_equal(np.asarray(image), np.asarray(random_rgb(64, 48)))
+
+
 def test_tiny_images_scale_up():
     for width, height in [(1, 1), (5, 7), (3, 1)]:
         data = encode(random_rgb(width, height), "PNG")

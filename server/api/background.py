@@ -40,8 +40,11 @@ def lower_this_thread_priority(delta: int = BACKGROUND_NICENESS) -> None:
         pass
 
 
-# two image threads keep the cores busy without a crowd of GIL holders in front of the loop
-IMAGE_THREADS, TEXT_THREADS = 2, 4
+# Two image threads keep the cores busy without a crowd of GIL holders in front of the loop;
+# on two cores one: a 36-Mpx image is 0.3 s of solid CPU, and two of them left the loop (and
+# the engine) no core (/health p99 30-65 ms with two under the mixed-abuse test, 24-39 with one).
+IMAGE_THREADS = max(1, min(2, len(os.sched_getaffinity(0)) - 1)) if hasattr(os, "sched_getaffinity") else 2
+TEXT_THREADS = 4
 _IMAGE_WORKERS = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="image-decode")
 _TEXT_WORKERS = ThreadPoolExecutor(TEXT_THREADS, thread_name_prefix="text-work")
 

