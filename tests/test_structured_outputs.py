@@ -15,12 +15,15 @@ from server.engine.core import EngineRequest, RequestRejected
 from server.engine.llm import LLM
 from server.engine.sampling_params import SamplingParams
 from server.engine.structured import (
+    PARALLEL_FILL_ROWS,
     GrammarCompiler,
+    GrammarState,
     StructuredOutput,
     StructuredOutputError,
     _apply_on_device,
     _apply_on_host,
     apply_bitmask,
+    fill_bitmask,
 )
 
 SCHEMA = {
@@ -240,6 +243,42 @@ def test_mask_apply_paths_agree():
     apply_bitmask(everything, [0, 1], mask[:2])
     _apply_on_device(ref, [0, 1], mask[:2])
     assert torch.equal(everything, ref)
+
+
+def test_one_thread_and_the_pool_fill_the_same_masks(llm):
+    """A batch of matchers at different points of a schema: the fill on the calling thread
+    (CPU logits, and any small batch) and llguidance's pool (a large batch beside a GPU: the
+    device only picks the path) write the same bits, row by row, step after step."""
+    vocab = llm.config.text.vocab_size
+    compiled = llm.engine.grammar_compiler.compile(SO)
+    states = [GrammarState(compiled) for _ in range(PARALLEL_FILL_ROWS)]
+    g = torch.Generator().manual_seed(0)
+    distinct = 0
+    for _ in range(12):
+        one = fill_bitmask(states, vocab, torch.device("cpu"))
+        pool = fill_bitmask(states, vocab, torch.device("cuda"))
+        assert torch.equal(one, pool)
+        distinct = max(distinct, len({tuple(r) for r in one.tolist()}))
+        logits = torch.randn(len(states), vocab, generator=g)
+        apply_bitmask(logits, list(range(len(states))), one)
+        for s, t in zip(states, logits.argmax(-1).tolist()):
+            if not s.matcher.is_stopped():
+                assert s.advance(t)
+    assert distinct > 1  # the rows walked apart: a row mixed up with another would show
+
+
+def test_a_token_the_grammar_forbids_is_refused_and_stays_refused(llm):
+    """What the engine's collect relies on to fail such a request: advance is False for a
+    token outside the mask (tried: one the first mask forbids), with the matcher's message,
+    and every later token is refused too."""
+    vocab = llm.config.text.vocab_size
+    state = GrammarState(llm.engine.grammar_compiler.compile(SO))
+    allowed = fill_bitmask([state], vocab, torch.device("cpu"))[0]
+    forbidden = next(t for t in range(vocab) if not (int(allowed[t // 32]) >> (t % 32)) & 1)
+    allowed_token = next(t for t in range(vocab) if (int(allowed[t // 32]) >> (t % 32)) & 1)
+    assert not state.advance(forbidden)
+    assert state.error
+    assert not state.advance(allowed_token)
 
 
 def test_structured_bench_pieces_and_alternating_runs(llm):

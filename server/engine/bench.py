@@ -263,7 +263,7 @@ def mask_cost(batch: int, vocab: int, device: torch.device, steps: int = 30) -> 
 
     for _ in range(steps):
         timed("tail", _clone_argmax, logits)
-        mask = timed("fill", fill_bitmask, states, vocab)
+        mask = timed("fill", fill_bitmask, states, vocab, device)
         masked = logits.clone()
         timed("apply", apply_bitmask, masked, rows, mask)
         timed("advance", _advance_all, states, masked.argmax(-1).tolist())

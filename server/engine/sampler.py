@@ -189,7 +189,8 @@ def apply_grammars(logits: torch.Tensor, rows: list[SamplingInput]) -> None:
     constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
     if constrained:
         states = [rows[i].grammar for i in constrained]
-        apply_bitmask(logits, constrained, fill_bitmask(states, logits.shape[-1]))  # type: ignore[arg-type]
+        mask = fill_bitmask(states, logits.shape[-1], logits.device)  # type: ignore[arg-type]
+        apply_bitmask(logits, constrained, mask)
 
 
 def _filtered_sorted_probs(

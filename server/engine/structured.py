@@ -3,8 +3,8 @@
 A request's `StructuredOutput` is turned into an llguidance grammar and compiled into a
 matcher template (LRU-cached by the `StructuredOutput`); each sequence gets its own copy,
 advanced by every sampled token. Each step the matchers of the constrained rows fill one
-packed bitmask (32 tokens per int32, in parallel in llguidance's Rust threads, without the
-GIL); the device unpacks it and sets forbidden logits to -inf.
+packed bitmask (32 tokens per int32, without the GIL; beside a GPU a large batch in
+llguidance's thread pool); the device unpacks it and sets forbidden logits to -inf.
 
 Where compilation runs: the API process calls `GrammarCompiler.check` in a worker thread
 before admission (errors reach the user as 400s); the engine process compiles again in a
@@ -277,9 +277,10 @@ class GrammarState:
             self.num_consumed = len(outputs)
 
     def advance(self, token_id: int) -> bool:
-        """Consume a sampled token; False: the grammar refused it (the matcher's error)."""
+        """Consume a sampled token; False: the grammar refused it (the matcher's error; it
+        returns True only outside one, so no is_error call per row per step)."""
         self.num_consumed += 1
-        return self.matcher.consume_token(token_id) and not self.matcher.is_error()
+        return self.matcher.consume_token(token_id)
 
     @property
     def error(self) -> str:
@@ -293,24 +294,34 @@ class GrammarState:
 
 
 _executor: llguidance.LLExecutor | None = None
+# Constrained rows from which llguidance's thread pool fills the masks, next to a GPU only.
+# On a CPU the cores are the forward's: the pool's threads, still spinning after a fill,
+# slowed the demo's next forward by ~5 %, and one thread filling every row was faster anyway
+# (2 cores, JSON schema, batch 64: 0.06 vs 0.17 ms at vocab 512, 0.38 vs 0.97 at 151,936;
+# batch 8: 0.01-0.03 vs 0.04-0.10). Beside a GPU the host's cores are free while it runs,
+# and a batch this large has rows enough to split (the GPU side is not measured yet).
+PARALLEL_FILL_ROWS = 32
 
 
-def fill_bitmask(states: list[GrammarState], vocab_size: int) -> torch.Tensor:
-    """[len(states), ceil(V / 32)] int32 on the host, bit 1 = allowed, filled in parallel
-    (llguidance's Rust threads, without the GIL). Not through llguidance.torch: importing it
-    pulls in torch.compile (~2 s on the first constrained step)."""
+def fill_bitmask(states: list[GrammarState], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[len(states), ceil(V / 32)] int32 on the host, bit 1 = allowed, for logits on
+    `device`; each mask is computed without the GIL. Not through llguidance.torch: importing
+    it pulls in torch.compile (~2 s on the first constrained step)."""
+    words = (vocab_size + 31) // 32
+    mask = torch.empty((len(states), words), dtype=torch.int32)
+    ptr, nbytes = mask.data_ptr(), words * 4
+    if device.type == "cpu" or len(states) < PARALLEL_FILL_ROWS:
+        for i, s in enumerate(states):
+            s.matcher.unsafe_compute_mask_ptr(ptr + i * nbytes, nbytes)
+        return mask
     global _executor
     import llguidance
 
-    if _executor is None:
-        # every core (llguidance's default leaves a fifth idle: one thread on 2 cores); the
-        # fill runs while the engine thread waits for it. Demo, batch 64, alternating
-        # pairs: constrained/unconstrained step 1.055-1.069 with 2 threads, 1.077-1.101 with 1.
+    if _executor is None:  # every core (llguidance's default leaves a fifth idle)
         _executor = llguidance.LLExecutor(len(os.sched_getaffinity(0)))
-    words = (vocab_size + 31) // 32
-    mask = torch.empty((len(states), words), dtype=torch.int32)
-    matchers = [(s.matcher, i) for i, s in enumerate(states)]
-    _executor.unsafe_compute_mask_ptr(matchers, mask.data_ptr(), words * 4, len(states))
+    _executor.unsafe_compute_mask_ptr(
+        [(s.matcher, i) for i, s in enumerate(states)], ptr, nbytes, len(states)
+    )
     return mask
 
 
