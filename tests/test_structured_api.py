@@ -10,7 +10,7 @@ import json
 
 import httpx
 import pytest
-from api_server import ServerProcess
+from api_server import ServerProcess, kv_empty, wait_until
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -291,6 +291,44 @@ def test_bad_structured_requests_are_400_with_param(server, http, extra, param):
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error"
     assert err["param"] is not None and err["param"].startswith(param), err
+
+
+RECURSIVE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "f",
+        "parameters": {"type": "object", "properties": {"x": {"$ref": "#"}}, "required": ["x"]},
+    },
+}
+FAILS_WHILE_DECODING = [
+    {"structured_outputs": {"regex": "a{1000000}"}},  # llguidance: too many expressions
+    {"tools": [RECURSIVE_TOOL], "tool_choice": "required"},  # no text satisfies it: too many items
+]
+
+
+@pytest.mark.parametrize("extra", FAILS_WHILE_DECODING, ids=["huge repetition", "recursive required"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_grammar_that_fails_while_decoding_is_the_requests_400(server, http, extra, stream):
+    """Found by fuzzing: these compile, then llguidance gives up a token or two in; they were
+    500 engine_request_failed. Now 400 structured_output_failed (in a stream the error event,
+    then [DONE]), the engine serves on and frees the request's KV blocks. The streamed run of
+    each comes second and meets the engine's cached grammar, whose lexer the first run left
+    exhausted: its new matchers start in error and allow only EOS, which came back as an empty
+    200 "stop" before advance checked is_error after a True."""
+    body = {"messages": ASK, "max_tokens": 16, "stream": stream, **extra}
+    r = http.post("/v1/chat/completions", json=body)
+    if stream:
+        assert r.status_code == 200, r.text
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+    else:
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["code"] == "structured_output_failed", err
+    assert "grammar" in err["message"]
+    assert http.get("/health").status_code == 200
+    assert wait_until(lambda: kv_empty(server.url), 10)
 
 
 def test_best_of_is_refused_unless_it_equals_n(http):

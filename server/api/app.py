@@ -339,7 +339,8 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> tuple[
 
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 _ERROR_WHEN = {
-    400: "invalid request: a field (`param` names it), the JSON, an image, or the context length",
+    400: "invalid request: a field (`param` names it), the JSON, an image, the context length, or a "
+    "grammar that failed only while decoding (code `structured_output_failed`)",
     401: "missing or wrong API key (only when the server runs with --api-key)",
     404: "`model` is not the served model (code `model_not_found`)",
     413: "body above --max-request-bytes (code `request_too_large`)",

@@ -21,6 +21,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.engine.client import EngineDeadError, EngineRequestError, EngineRequestFailed, RequestDelta
+from server.engine.messages import Fault
 from server.engine.sampling_params import SamplingParams
 from server.metrics import RequestMetrics
 from server.model.processor import PromptInputs
@@ -186,6 +187,12 @@ def _engine_error(e: Exception) -> APIError:
     if isinstance(e, EngineDeadError):
         return APIError(503, "the inference engine stopped; retry later", UNAVAILABLE, None, "engine_dead",
                         {"Retry-After": "5"})  # fmt: skip
+    if isinstance(e, EngineRequestFailed) and e.fault is Fault.GRAMMAR:
+        return bad_request(
+            f"the structured output's grammar failed while decoding (a simpler schema, pattern or grammar may work): {e}",
+            None,
+            "structured_output_failed",
+        )
     if isinstance(e, EngineRequestFailed):  # this request only; the engine serves on
         return APIError(500, f"the engine failed this request: {e}", SERVER, None, "engine_request_failed")
     return APIError(500, "internal server error", SERVER, None, "internal_error")

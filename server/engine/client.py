@@ -42,6 +42,7 @@ from .messages import (
     EngineRequest,
     EngineStats,
     Failed,
+    Fault,
     FinishReason,
     FinishSequence,
     FirstTokenTimes,
@@ -69,8 +70,12 @@ class EngineRequestError(ValueError):
 
 
 class EngineRequestFailed(RuntimeError):
-    """The engine failed this request alone (a fault in its own inputs) and kept serving the
-    others; a server error (HTTP 500) for this request only."""
+    """The engine failed this request alone and kept serving the others: an error for this
+    request only, a 500 or, where its grammar is at fault, a 400 (`fault`)."""
+
+    def __init__(self, message: str, fault: Fault = Fault.ENGINE) -> None:
+        super().__init__(message)
+        self.fault = fault
 
 
 @dataclass
@@ -479,7 +484,9 @@ class AsyncEngine:
                     if isinstance(out, Exception):
                         raise out
                     if out.finish_reason == FinishReason.ERROR:
-                        raise EngineRequestFailed(out.error or "the engine failed this request")
+                        raise EngineRequestFailed(
+                            out.error or "the engine failed this request", out.fault or Fault.ENGINE
+                        )
                     t = trackers[out.index]
                     if out.num_prompt_tokens:
                         num_cached = max(num_cached, out.num_cached_tokens)

@@ -34,13 +34,19 @@ from .memory import (
     largest_image_grid,
     profile_memory,
 )
-from .messages import EngineOutput, EngineRequest, EngineStats, FinishReason, FirstTokenTimes
+from .messages import EngineOutput, EngineRequest, EngineStats, Fault, FinishReason, FirstTokenTimes
 from .runner import ChunkFault, ModelRunner, powers_of_two_to
 from .sampler import PendingSample, SamplingInput, TokenCounts, sample_async
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import PendingTokens, Sequence, SequenceData, Status
-from .structured import CompiledGrammar, GrammarCompiler, GrammarState, StructuredOutput
+from .structured import (
+    CompiledGrammar,
+    GrammarCompiler,
+    GrammarState,
+    StructuredOutput,
+    StructuredOutputError,
+)
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
@@ -329,25 +335,31 @@ class EngineCore:
             seqs = self.requests.get(rid)
             if seqs is None:  # aborted meanwhile
                 continue
-            if fut.exception() is not None:
-                outputs += self.fail_request(rid, f"structured output: {fut.exception()}")
+            if (e := fut.exception()) is not None:
+                fault = Fault.GRAMMAR if isinstance(e, StructuredOutputError) else Fault.ENGINE
+                outputs += self.fail_request(rid, f"structured output: {e}", fault)
                 continue
-            for seq in seqs:
-                seq.grammar = GrammarState(fut.result())
+            states = [GrammarState(fut.result()) for _ in seqs]
+            if states and states[0].matcher.is_error():  # its lexer gave up on an earlier request
+                outputs += self.fail_request(rid, f"structured output: {states[0].error}", Fault.GRAMMAR)
+                continue
+            for seq, state in zip(seqs, states):
+                seq.grammar = state
                 self.scheduler.add(seq)
         return outputs
 
     def abort_request(self, request_id: str) -> list[EngineOutput]:
         return self._end_request(request_id, FinishReason.ABORT)
 
-    def fail_request(self, request_id: str, error: str) -> list[EngineOutput]:
+    def fail_request(self, request_id: str, error: str, fault: Fault = Fault.ENGINE) -> list[EngineOutput]:
         """A fault attributable to this request alone: end it (all its siblings) with an
         error and free its blocks; every other request keeps running."""
-        log.error("request %s failed in the engine and was ended: %s", request_id, error)
-        return self._end_request(request_id, FinishReason.ERROR, error)
+        level = logging.WARNING if fault is Fault.GRAMMAR else logging.ERROR
+        log.log(level, "request %s failed in the engine and was ended: %s", request_id, error)
+        return self._end_request(request_id, FinishReason.ERROR, error, fault)
 
     def _end_request(
-        self, request_id: str, reason: FinishReason, error: str | None = None
+        self, request_id: str, reason: FinishReason, error: str | None = None, fault: Fault | None = None
     ) -> list[EngineOutput]:
         seqs = self.requests.pop(request_id, None)
         self.eos.pop(request_id, None)
@@ -356,7 +368,9 @@ class EngineCore:
         for seq in seqs or []:
             if seq.status is not Status.FINISHED:
                 self.scheduler.finish(seq, reason)
-                outs.append(EngineOutput(request_id, seq.index, [], finish_reason=reason, error=error))
+                outs.append(
+                    EngineOutput(request_id, seq.index, [], finish_reason=reason, error=error, fault=fault)
+                )
         return outs
 
     def finish_sequence(self, request_id: str, index: int, reason: FinishReason = FinishReason.STOP) -> None:
@@ -494,7 +508,9 @@ class EngineCore:
                 continue
             seq.data.token_ids.append(tok)
             if seq.grammar is not None and not seq.grammar.advance(tok):
-                outputs += self.fail_request(seq.request_id, f"structured output: {seq.grammar.error}")
+                outputs += self.fail_request(
+                    seq.request_id, f"structured output: {seq.grammar.error}", Fault.GRAMMAR
+                )
                 continue
             out = EngineOutput(seq.request_id, seq.index, [tok], [lp] if lp is not None else None)
             if seq.first_token_time is None:

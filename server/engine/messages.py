@@ -32,6 +32,14 @@ class FinishReason(enum.StrEnum):
     TOOL_CALLS = "tool_calls"  # the API's name for a chat STOP whose text held tool calls
 
 
+class Fault(enum.StrEnum):
+    """Whose fault a request that ended with ERROR was (the HTTP status it gets)."""
+
+    ENGINE = "engine"  # something in the engine failed on this request's inputs: a 500
+    GRAMMAR = "grammar"  # its grammar failed where only decoding shows (llguidance's limits,
+    # a schema no text satisfies): the request's own, a 400
+
+
 # What the engine itself ends a sequence with (TOOL_CALLS is the API's renaming of STOP).
 ENGINE_FINISH_REASONS = (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT, FinishReason.ERROR)
 
@@ -75,6 +83,7 @@ class EngineOutput:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     error: str | None = None  # finish_reason ERROR: what failed (this request only)
+    fault: Fault | None = None  # finish_reason ERROR: whose fault
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     first_token: FirstTokenTimes | None = None  # on the sequence's first output only

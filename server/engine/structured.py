@@ -277,10 +277,10 @@ class GrammarState:
             self.num_consumed = len(outputs)
 
     def advance(self, token_id: int) -> bool:
-        """Consume a sampled token; False: the grammar refused it (the matcher's error; it
-        returns True only outside one, so no is_error call per row per step)."""
+        """Consume a sampled token; False: the grammar refused it (the matcher's error). Both
+        calls are needed: a matcher in error still takes EOS with True."""
         self.num_consumed += 1
-        return self.matcher.consume_token(token_id)
+        return self.matcher.consume_token(token_id) and not self.matcher.is_error()
 
     @property
     def error(self) -> str:
