@@ -312,9 +312,8 @@ def test_a_grammar_that_fails_while_decoding_is_the_requests_400(server, http, e
     """Found by fuzzing: these compile, then llguidance gives up a token or two in; they were
     500 engine_request_failed. Now 400 structured_output_failed (in a stream the error event,
     then [DONE]), the engine serves on and frees the request's KV blocks. The streamed run of
-    each comes second and meets the engine's cached grammar, whose lexer the first run left
-    exhausted: its new matchers start in error and allow only EOS, which came back as an empty
-    200 "stop" before advance checked is_error after a True."""
+    each comes second: it once met the engine's cached grammar whose lexer the first run had
+    exhausted, and came back an empty 200 "stop" (the engine now forgets such a grammar)."""
     body = {"messages": ASK, "max_tokens": 16, "stream": stream, **extra}
     r = http.post("/v1/chat/completions", json=body)
     if stream:

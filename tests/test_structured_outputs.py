@@ -13,6 +13,7 @@ import torch
 from server.engine import sampler
 from server.engine.core import EngineRequest, RequestRejected
 from server.engine.llm import LLM
+from server.engine.messages import Fault, FinishReason
 from server.engine.sampling_params import SamplingParams
 from server.engine.structured import (
     PARALLEL_FILL_ROWS,
@@ -279,6 +280,30 @@ def test_a_token_the_grammar_forbids_is_refused_and_stays_refused(llm):
     assert not state.advance(forbidden)
     assert state.error
     assert not state.advance(allowed_token)
+
+
+def test_a_template_whose_lexer_gave_up_fails_its_next_request_and_is_compiled_afresh(llm):
+    """llguidance's lexer state is shared by every copy of a compiled grammar: once a{1000000}
+    makes it give up (one token in), every later copy errs at its first mask, allowing only
+    EOS, which it consumes with True (an empty 200 "stop" before). The engine fails such a
+    request as the grammar's fault and forgets the template, so the next compile is fresh."""
+    so = StructuredOutput("regex", "a{1000000}")
+    compiler, vocab = llm.engine.grammar_compiler, llm.config.text.vocab_size
+    exhausted = compiler.compile(so)
+    state = GrammarState(exhausted)
+    mask = fill_bitmask([state], vocab, torch.device("cpu"))[0]
+    first = next(t for t in range(vocab) if (int(mask[t // 32]) >> (t % 32)) & 1)
+    assert not state.advance(first) and "too many" in state.error
+    engine = llm.engine
+    engine.add_request(EngineRequest("exhausted", [1, 2, 3], SamplingParams(max_tokens=4, structured=so)))
+    outs = []
+    for _ in range(100):  # bounded: the compile (a cache hit) lands within a few steps
+        outs += [o for o in engine.step() if o.request_id == "exhausted"]
+        if not engine.has_unfinished():
+            break
+    assert [(o.finish_reason, o.fault) for o in outs] == [(FinishReason.ERROR, Fault.GRAMMAR)], outs
+    assert "too many" in outs[0].error
+    assert compiler.compile(so) is not exhausted
 
 
 def test_structured_bench_pieces_and_alternating_runs(llm):

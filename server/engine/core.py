@@ -339,14 +339,15 @@ class EngineCore:
                 fault = Fault.GRAMMAR if isinstance(e, StructuredOutputError) else Fault.ENGINE
                 outputs += self.fail_request(rid, f"structured output: {e}", fault)
                 continue
-            states = [GrammarState(fut.result()) for _ in seqs]
-            if states and states[0].matcher.is_error():  # its lexer gave up on an earlier request
-                outputs += self.fail_request(rid, f"structured output: {states[0].error}", Fault.GRAMMAR)
-                continue
-            for seq, state in zip(seqs, states):
-                seq.grammar = state
+            for seq in seqs:
+                seq.grammar = GrammarState(fut.result())
                 self.scheduler.add(seq)
         return outputs
+
+    def _fail_grammar(self, request_id: str, state: GrammarState) -> list[EngineOutput]:
+        if self.grammar_compiler is not None:
+            self.grammar_compiler.forget(state.compiled)
+        return self.fail_request(request_id, f"structured output: {state.error}", Fault.GRAMMAR)
 
     def abort_request(self, request_id: str) -> list[EngineOutput]:
         return self._end_request(request_id, FinishReason.ABORT)
@@ -508,9 +509,7 @@ class EngineCore:
                 continue
             seq.data.token_ids.append(tok)
             if seq.grammar is not None and not seq.grammar.advance(tok):
-                outputs += self.fail_request(
-                    seq.request_id, f"structured output: {seq.grammar.error}", Fault.GRAMMAR
-                )
+                outputs += self._fail_grammar(seq.request_id, seq.grammar)
                 continue
             out = EngineOutput(seq.request_id, seq.index, [tok], [lp] if lp is not None else None)
             if seq.first_token_time is None:

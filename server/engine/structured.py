@@ -253,6 +253,14 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return compiled
 
+    def forget(self, compiled: CompiledGrammar) -> None:
+        """Drop a template whose matchers failed: llguidance's lexer state is shared by every
+        copy, and once it gives up (too many states) every later copy starts in error; the
+        next request with that grammar compiles it afresh."""
+        with self._lock:
+            for so in [so for so, c in self._cache.items() if c is compiled]:
+                del self._cache[so]
+
     def check(self, so: StructuredOutput) -> None:
         """Compile (cached) or raise StructuredOutputError; may take long: call it off the loop."""
         self.compile(so)
