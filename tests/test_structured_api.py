@@ -270,6 +270,10 @@ BAD = [
         "response_format",
     ),
     ({"guided_regex": "(unclosed"}, "guided_regex"),
+    # no text satisfies these: they compile, and erred only at the first mask (an empty 200)
+    ({"response_format": _response_format({"$ref": "#"})}, "response_format"),
+    ({"structured_outputs": {"grammar": "start: x\nx: x"}}, "structured_outputs"),
+    ({"guided_regex": "[^\\x00-\\x{10FFFF}]"}, "guided_regex"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
@@ -283,7 +287,8 @@ BAD = [
 
 @pytest.mark.parametrize(("extra", "param"), BAD)
 def test_bad_structured_requests_are_400_with_param(server, http, extra, param):
-    """Each tried alone: an uncompilable schema or regex, a nameless tool, tool_choice naming a
+    """Each tried alone: an uncompilable schema or regex, a schema, grammar or regex no text
+    satisfies, a nameless tool, tool_choice naming a
     missing function or required without tools, a tool message without tool_call_id,
     logit_bias out of the vocabulary or above 100, a deprecated field, two constraints."""
     r = http.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 4, **extra})

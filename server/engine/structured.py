@@ -242,16 +242,30 @@ class GrammarCompiler:
                 f"{_PREFIX.get(so.kind, 'invalid ' + so.kind)}: {_short(str(e))}"
             ) from None
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)  # drops the GIL
+        prefix = _PREFIX.get(so.kind, "invalid " + so.kind)
         if matcher.is_error():
-            raise StructuredOutputError(
-                f"{_PREFIX.get(so.kind, 'invalid ' + so.kind)}: {_short(matcher.get_error())}"
-            )
+            raise StructuredOutputError(f"{prefix}: {_short(matcher.get_error())}")
+        if (error := self._first_mask_error(matcher)) is not None:
+            raise StructuredOutputError(f"{prefix}: {error}")
         compiled = CompiledGrammar(matcher, self.eos_token_ids)
         with self._lock:
             self._cache[so] = compiled
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return compiled
+
+    def _first_mask_error(self, template: llguidance.LLMatcher) -> str | None:
+        """What a copy's first mask errs with, if it does: llguidance builds its parser lazily,
+        so a grammar no text satisfies (`{"$ref": "#"}`, `x: x`) compiles fine and fails only
+        there (then allows nothing but EOS: an empty "stop" if sampled)."""
+        probe = template.deep_copy()
+        words = (self.vocab_size + 31) // 32
+        mask = torch.empty(words, dtype=torch.int32)
+        probe.unsafe_compute_mask_ptr(mask.data_ptr(), words * 4)
+        if not probe.is_error():
+            return None
+        error = _short(probe.get_error())
+        return "no text satisfies it" if error.startswith("NoExtension") else error
 
     def forget(self, compiled: CompiledGrammar) -> None:
         """Drop a template whose matchers failed: llguidance's lexer state is shared by every
