@@ -216,6 +216,18 @@ def test_completions_endpoint(client):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == r.choices[0].text
 
 
+def test_cached_tokens_count_only_what_an_earlier_request_computed(http):
+    """Found by fuzzing: a prompt never seen before with n=2 reported 592 of its 600 tokens
+    cached (the second sibling reuses the first's blocks). Now none; asked again, the prompt's
+    full blocks are."""
+    prompt = [7 + (i * 37) % 250 for i in range(600)]  # 600 ids no other test sends
+    body = {"prompt": prompt, "max_tokens": 1, "n": 2, "temperature": 0.8}
+    first = http.post("/v1/completions", json=body).json()["usage"]
+    assert (first.get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0, first
+    again = http.post("/v1/completions", json=body).json()["usage"]
+    assert again["prompt_tokens_details"]["cached_tokens"] >= 512, again
+
+
 def test_completions_with_a_list_of_prompts(client, http):
     """Several prompts (strings or token lists) in one request: choice i*n + j is prompt i's
     j-th choice, equal to asking for that prompt alone; usage sums them; streaming carries the

@@ -488,8 +488,10 @@ class AsyncEngine:
                             out.error or "the engine failed this request", out.fault or Fault.ENGINE
                         )
                     t = trackers[out.index]
-                    if out.num_prompt_tokens:
-                        num_cached = max(num_cached, out.num_cached_tokens)
+                    if out.num_prompt_tokens and out.index == 0:
+                        # the first sibling computes the prompt; the others reuse its blocks,
+                        # which is no cache hit of this request's (n=2 reported 592 of 600)
+                        num_cached = out.num_cached_tokens
                     if first_token is None and out.first_token is not None:
                         first_token = out.first_token
                         first_token.sent = req.sent_time
