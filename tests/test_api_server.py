@@ -310,6 +310,8 @@ def test_readme_openai_sdk_example(server, tmp_path):
 def test_public_endpoints_and_request_id(server, http):
     anon = httpx.Client(base_url=server.url, timeout=10)
     assert anon.get("/health").json() == {"status": "ok"}
+    head = anon.head("/health")  # load balancers probe with HEAD (it was a 405)
+    assert head.status_code == 200 and head.content == b""
     assert anon.get("/metrics").status_code == 200
     version = anon.get("/version").json()
     assert version["model"] == MODEL

@@ -435,6 +435,7 @@ def _router() -> Any:
 
     router = APIRouter(route_class=OffLoopJSONRoute)
 
+    @router.head("/health", include_in_schema=False)  # load balancers' probes (uvicorn drops the body)
     @router.get("/health")
     async def health(request: Request) -> Response:
         reason = get_state(request).unhealthy_reason
