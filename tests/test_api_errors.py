@@ -90,6 +90,9 @@ CASES = [
     Case("unknown content part type", 400, _chat(messages=_msgs({"type": "audio", "audio": "x"})),
          param="messages[0].content[0].type"),
     Case("text part without text", 400, _chat(messages=_msgs({"type": "text"})), param="messages[0].content[0]"),
+    Case("an image in a system message (the template drops it)", 400,
+         _chat(messages=[{"role": "system", "content": [_img(data_url(PNG))]}, *OK_MSGS]),
+         param="messages[0].content[0].image_url.url", code="invalid_image"),
     Case("image_url is a string", 400, _chat(messages=_msgs({"type": "image_url", "image_url": "data:x"})),
          param="messages[0].content[0].image_url"),
     # sampling fields: wrong types and ranges

@@ -17,7 +17,7 @@ from typing import Any
 from server.engine.sampling_params import MAX_CHOICES, MAX_LOGIT_BIAS_VALUE, SamplingParams
 from server.engine.structured import StructuredOutputError
 from server.model.images import ImageError, ProcessedImage
-from server.model.processor import LONG_TEXT_CHARS, PromptError, PromptInputs
+from server.model.processor import LONG_TEXT_CHARS, ImageCountError, PromptError, PromptInputs
 
 from .background import run_image_work, run_text_work
 from .constraints import check_tools, structured_output
@@ -99,8 +99,25 @@ async def chat_inputs(
             # pure Python takes the GIL from the loop for a switch interval (5 ms) at a time.
             return build()
         return await run_text_work(build)  # long ones: template and tokenizer off the loop
+    except ImageCountError as e:
+        raise _image_outside_user_turns(messages, sources) or bad_request(str(e), "messages") from e
     except PromptError as e:
         raise bad_request(str(e), "messages") from e
+
+
+def _image_outside_user_turns(messages: list[ChatMessage], sources: list[tuple[str, str]]) -> APIError | None:
+    """Qwen's chat template reads images from user (and tool) turns and leaves the others'
+    out: the placeholder count then falls short. Say which image, not the counts."""
+    for param, _ in sources:
+        role = messages[int(param[len("messages[") : param.index("]")])].role
+        if role not in ("user", "tool"):
+            return bad_request(
+                f"an image in a {role} message: the chat template reads images from user and "
+                "tool messages only; send it in a user message",
+                param,
+                "invalid_image",
+            )
+    return None
 
 
 def _text_chars(content: str | list[Any] | None) -> int:

@@ -26,6 +26,10 @@ class PromptError(ValueError):
     """The request's messages or prompt cannot be turned into model input (HTTP 400)."""
 
 
+class ImageCountError(PromptError):
+    """The rendered prompt has a different number of image placeholders than images."""
+
+
 @dataclass
 class PromptInputs:
     """Everything the engine needs for one prompt."""
@@ -209,7 +213,7 @@ class Processor:
         pad = self.config.image_token_id
         n_pads = ids.count(pad)
         if n_pads != len(images):
-            raise PromptError(
+            raise ImageCountError(
                 f"the prompt has {n_pads} image placeholders but {len(images)} images were given"
             )
         out: list[int] = []
