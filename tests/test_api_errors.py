@@ -199,6 +199,8 @@ CASES = [
     Case("completions: logprobs > 20", 400, {"prompt": "hi", "logprobs": 21}, path="/v1/completions", param="logprobs"),
     Case("detokenize: token id out of range", 400, {"tokens": [-1]}, path="/detokenize", param="tokens"),
     Case("tokenize: neither prompt nor messages", 400, {}, path="/tokenize", param="prompt"),
+    Case("tokenize: a tool message without tool_call_id (as chat refuses it)", 400,
+         {"messages": [{"role": "tool", "content": "x"}]}, path="/tokenize", param="messages[0].tool_call_id"),
     # a lone UTF-16 surrogate is valid JSON but not text: tokenizers refuse it
     Case("chat: lone surrogate in content", 400, b'{"messages": [{"role": "user", "content": "a\\ud800"}]}', param="messages"),
     Case("completions: lone surrogate", 400, b'{"prompt": "a\\ud800", "max_tokens": 2}', path="/v1/completions", param="prompt"),

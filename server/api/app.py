@@ -37,6 +37,7 @@ from . import chat
 from .background import run_text_work
 from .body import OffLoopJSONRoute
 from .chat import check_model, get_state
+from .constraints import check_tool_messages
 from .errors import (
     INVALID,
     SERVER,
@@ -483,6 +484,7 @@ def _router() -> Any:
         if body.messages is not None:
             if not body.messages:
                 raise bad_request("messages must not be empty", "messages")
+            check_tool_messages(body.messages)
             ids = (await chat_inputs(state, body.messages, body.add_generation_prompt)).prompt_token_ids
         else:
             try:

@@ -16,7 +16,7 @@ from typing import Any
 from server.engine.structured import StructuredOutput
 
 from .errors import bad_request
-from .protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, NamedToolChoice
 
 
 def tool_choice_mode(req: ChatCompletionRequest) -> str:
@@ -29,14 +29,19 @@ def tool_choice_mode(req: ChatCompletionRequest) -> str:
     return choice
 
 
-def check_tools(req: ChatCompletionRequest) -> None:
-    """400s for tool fields that cannot work together (each names its param)."""
-    for i, m in enumerate(req.messages):
+def check_tool_messages(messages: list[ChatMessage]) -> None:
+    """400s for tool-call history a chat cannot have (chat completions and /tokenize alike)."""
+    for i, m in enumerate(messages):
         if m.role == "tool" and not m.tool_call_id:
             raise bad_request("a 'tool' message needs the 'tool_call_id' of the call it answers",
                               f"messages[{i}].tool_call_id")  # fmt: skip
         if m.tool_calls and m.role != "assistant":
             raise bad_request("only 'assistant' messages carry 'tool_calls'", f"messages[{i}].tool_calls")
+
+
+def check_tools(req: ChatCompletionRequest) -> None:
+    """400s for tool fields that cannot work together (each names its param)."""
+    check_tool_messages(req.messages)
     names = [t.function.name for t in req.tools or []]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
