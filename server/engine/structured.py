@@ -245,32 +245,29 @@ class GrammarCompiler:
         prefix = _PREFIX.get(so.kind, "invalid " + so.kind)
         if matcher.is_error():
             raise StructuredOutputError(f"{prefix}: {_short(matcher.get_error())}")
-        if (error := self._first_mask_error(matcher)) is not None:
-            raise StructuredOutputError(f"{prefix}: {error}")
         compiled = CompiledGrammar(matcher, self.eos_token_ids)
+        if (error := self._first_mask_error(compiled)) is not None:
+            raise StructuredOutputError(f"{prefix}: {error}")
         with self._lock:
             self._cache[so] = compiled
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return compiled
 
-    def _first_mask_error(self, template: llguidance.LLMatcher) -> str | None:
+    def _first_mask_error(self, compiled: CompiledGrammar) -> str | None:
         """What a copy's first mask errs with, if it does: llguidance builds its parser lazily,
         so a grammar no text satisfies (`{"$ref": "#"}`, `x: x`) compiles fine and fails only
         there (then allows nothing but EOS: an empty "stop" if sampled)."""
-        probe = template.deep_copy()
-        words = (self.vocab_size + 31) // 32
-        mask = torch.empty(words, dtype=torch.int32)
-        probe.unsafe_compute_mask_ptr(mask.data_ptr(), words * 4)
-        if not probe.is_error():
+        probe = GrammarState(compiled)
+        fill_bitmask([probe], self.vocab_size, torch.device("cpu"))
+        if not probe.matcher.is_error():
             return None
-        error = _short(probe.get_error())
-        return "no text satisfies it" if error.startswith("NoExtension") else error
+        return "no text satisfies it" if probe.error.startswith("NoExtension") else probe.error
 
     def forget(self, compiled: CompiledGrammar) -> None:
         """Drop a template whose matchers failed: llguidance's lexer state is shared by every
-        copy, and once it gives up (too many states) every later copy starts in error; the
-        next request with that grammar compiles it afresh."""
+        copy, and once it gives up (too many states) every later copy errs at its first mask;
+        the next request with that grammar compiles it afresh."""
         with self._lock:
             for so in [so for so, c in self._cache.items() if c is compiled]:
                 del self._cache[so]
