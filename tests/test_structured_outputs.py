@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import jsonschema
 import pytest
@@ -297,13 +298,36 @@ def test_a_template_whose_lexer_gave_up_fails_its_next_request_and_is_compiled_a
     engine = llm.engine
     engine.add_request(EngineRequest("exhausted", [1, 2, 3], SamplingParams(max_tokens=4, structured=so)))
     outs = []
-    for _ in range(100):  # bounded: the compile (a cache hit) lands within a few steps
+    deadline = time.monotonic() + 30  # bounded in time, not steps: the compile is on a thread
+    while engine.has_unfinished() and time.monotonic() < deadline:
         outs += [o for o in engine.step() if o.request_id == "exhausted"]
-        if not engine.has_unfinished():
-            break
     assert [(o.finish_reason, o.fault) for o in outs] == [(FinishReason.ERROR, Fault.GRAMMAR)], outs
     assert "too many" in outs[0].error
     assert compiler.compile(so) is not exhausted
+
+
+def test_a_step_with_only_a_compile_pending_waits_for_it_instead_of_spinning(llm, monkeypatch):
+    """A compile that takes 60 ms, nothing else to run: each step waits up to 2 ms for it, so
+    the request is admitted within ~30 steps (a step that returned at once spun thousands of
+    times against the compile thread)."""
+    engine = llm.engine
+    compile_now = engine._compile
+
+    def slow_compile(so: StructuredOutput):
+        time.sleep(0.06)
+        return compile_now(so)
+
+    monkeypatch.setattr(engine, "_compile", slow_compile)
+    so = StructuredOutput("regex", "[ab]{3}")
+    engine.add_request(EngineRequest("slow", [1, 2, 3], SamplingParams(max_tokens=4, structured=so)))
+    steps, deadline = 0, time.monotonic() + 30
+    while engine._compiling and time.monotonic() < deadline:
+        engine.step()
+        steps += 1
+    assert not engine._compiling and 1 <= steps <= 31, steps
+    while engine.has_unfinished() and time.monotonic() < deadline:
+        engine.step()
+    assert not engine.has_unfinished()
 
 
 def test_structured_bench_pieces_and_alternating_runs(llm):

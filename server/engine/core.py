@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -50,6 +50,9 @@ from .structured import (
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
+# Longest a step waits for a grammar compile when nothing else can run: short, because the
+# engine process reads new commands only between steps.
+_COMPILE_WAIT_S = 0.002
 
 
 @dataclass
@@ -394,6 +397,10 @@ class EngineCore:
         scheduling: the device runs this step while the host reads the last one's tokens and
         books them) or of this one (sync)."""
         self.num_steps += 1
+        if self._compiling and self._inflight is None and not self.scheduler.has_work():
+            # Only grammars compiling: wait a little for one rather than return at once, so
+            # a caller's step loop does not spin hot against the compile thread.
+            wait(self._compiling.values(), timeout=_COMPILE_WAIT_S, return_when=FIRST_COMPLETED)
         admitted = self._admit_compiled() if self._compiling else []
         sched = self.scheduler.schedule()
         self.last_step = sched  # for describe_step() if this step fails
