@@ -195,6 +195,45 @@ def test_tool_calls_required_and_named_streamed_equal(client, choice):
     assert streamed == [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls]
 
 
+def _streamed(client, **kw) -> tuple[str, list[tuple[str, dict]], str | None]:
+    """A stream reassembled: (content, [(name, arguments)], finish_reason)."""
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            finish = ch.finish_reason or finish
+            content += ch.delta.content or ""
+            for tc in ch.delta.tool_calls or []:
+                slot = calls.setdefault(tc.index, {"name": None, "arguments": ""})
+                if tc.function and tc.function.name:
+                    slot["name"] = tc.function.name
+                slot["arguments"] += (tc.function and tc.function.arguments) or ""
+    return content, [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())], finish
+
+
+def test_a_tool_call_cut_by_max_tokens_ends_at_length(client):
+    """max_tokens cuts a required call: just before its EOS and close tag (the JSON is complete:
+    still a call), and inside its JSON (no call: the text stays content); finish_reason is
+    `length` either way, and the stream reassembles to the same."""
+    kw = dict(model="demo", messages=ASK, tools=[TIME], tool_choice="required", parallel_tool_calls=False,
+              temperature=0)  # fmt: skip
+    whole = client.chat.completions.create(**kw, max_tokens=MAX_TOKENS)
+    assert whole.choices[0].finish_reason == "tool_calls"
+    n = whole.usage.completion_tokens  # the call's tokens, </tool_call> and the EOS included
+    call = whole.choices[0].message.tool_calls[0]
+    for cut, is_call in ((2, True), (8, False)):
+        r = client.chat.completions.create(**kw, max_tokens=n - cut)
+        c = r.choices[0]
+        assert c.finish_reason == "length", (cut, c)
+        got = [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls or []]
+        if is_call:
+            assert (
+                got == [(call.function.name, json.loads(call.function.arguments))] and not c.message.content
+            )
+        else:
+            assert got == [] and c.message.content.startswith("<tool_call>"), c.message
+        assert _streamed(client, **kw, max_tokens=n - cut) == (c.message.content or "", got, "length")
+
+
 def test_agent_loop_tool_result_then_answer(client):
     first = client.chat.completions.create(model="demo", messages=ASK, tools=[WEATHER], tool_choice="required",
                                            parallel_tool_calls=False,
