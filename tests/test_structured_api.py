@@ -161,6 +161,24 @@ def _call_args(call) -> dict:
     return args
 
 
+def _streamed(client, **kw) -> tuple[str, list[tuple[str, dict]], str | None]:
+    """A stream reassembled: (content, [(name, arguments)], finish_reason)."""
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            finish = ch.finish_reason or finish
+            content += ch.delta.content or ""
+            for tc in ch.delta.tool_calls or []:
+                slot = calls.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
+                if tc.id:
+                    assert slot["id"] is None, "a call's id is sent once"
+                    slot["id"] = tc.id
+                if tc.function and tc.function.name:
+                    slot["name"] = tc.function.name
+                slot["arguments"] += (tc.function and tc.function.arguments) or ""
+    return content, [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())], finish
+
+
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
 def test_tool_calls_required_and_named_streamed_equal(client, choice):
     # one call: with parallel calls allowed the random model may chain calls up to max_tokens
@@ -176,38 +194,10 @@ def test_tool_calls_required_and_named_streamed_equal(client, choice):
         assert call.id.startswith("call_") and call.type == "function"
     if isinstance(choice, dict):
         assert [t.function.name for t in c.message.tool_calls] == ["get_time"]
-    calls: dict[int, dict] = {}
-    finish = None
-    for chunk in client.chat.completions.create(**kw, stream=True):
-        for ch in chunk.choices:
-            finish = ch.finish_reason or finish
-            for tc in ch.delta.tool_calls or []:
-                slot = calls.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
-                if tc.id:
-                    assert slot["id"] is None, "a call's id is sent once"
-                    slot["id"] = tc.id
-                if tc.function and tc.function.name:
-                    slot["name"] = tc.function.name
-                if tc.function and tc.function.arguments:
-                    slot["arguments"] += tc.function.arguments
+    content, streamed, finish = _streamed(client, **kw)
     assert finish == "tool_calls"
-    streamed = [(calls[i]["name"], json.loads(calls[i]["arguments"])) for i in sorted(calls)]
     assert streamed == [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls]
-
-
-def _streamed(client, **kw) -> tuple[str, list[tuple[str, dict]], str | None]:
-    """A stream reassembled: (content, [(name, arguments)], finish_reason)."""
-    content, calls, finish = "", {}, None
-    for chunk in client.chat.completions.create(**kw, stream=True):
-        for ch in chunk.choices:
-            finish = ch.finish_reason or finish
-            content += ch.delta.content or ""
-            for tc in ch.delta.tool_calls or []:
-                slot = calls.setdefault(tc.index, {"name": None, "arguments": ""})
-                if tc.function and tc.function.name:
-                    slot["name"] = tc.function.name
-                slot["arguments"] += (tc.function and tc.function.arguments) or ""
-    return content, [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())], finish
+    assert content == (c.message.content or "")
 
 
 def test_a_tool_call_cut_by_max_tokens_ends_at_length(client):
