@@ -276,6 +276,7 @@ def _readme_block(lang: str, must_contain: str) -> str:
 
 README_CURL = _readme_block("bash", "/v1/chat/completions")
 README_SDK = _readme_block("python", "from openai import OpenAI")
+README_STRUCTURED = _readme_block("python", "chat.completions.parse(")
 
 
 def _run_example(tmp_path, cmd: list[str]) -> str:
@@ -302,6 +303,14 @@ def test_readme_openai_sdk_example(server, tmp_path):
     script = README_SDK.replace("http://127.0.0.1:8000", server.url)
     out = _run_example(tmp_path, [sys.executable, "-c", script])
     assert out.count("\n") >= 2  # the full reply, then the streamed one
+
+
+def test_readme_structured_outputs_example(server, tmp_path):
+    """parse() with a pydantic model and a required tool call, on the random demo model."""
+    script = README_STRUCTURED.replace("http://127.0.0.1:8000", server.url)
+    parsed, call = _run_example(tmp_path, [sys.executable, "-c", script]).splitlines()
+    assert parsed.startswith("name=") and " country=" in parsed, parsed  # a City's repr
+    assert call.startswith("get_weather {'city': ") and call.endswith(("'unit': 'c'}", "'unit': 'f'}")), call
 
 
 # -- other endpoints --------------------------------------------------------------------------------
