@@ -311,6 +311,16 @@ BAD = [
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"response_format": _response_format(SCHEMA), "guided_regex": "a+"}, "guided_regex"),
+    # tool_choice wins over response_format, but not over a third constraint (it was dropped)
+    (
+        {
+            "tools": [WEATHER],
+            "tool_choice": "required",
+            "response_format": {"type": "json_object"},
+            "guided_regex": "abc",
+        },
+        "guided_regex",
+    ),
 ]
 
 
@@ -319,7 +329,7 @@ def test_bad_structured_requests_are_400_with_param(server, http, extra, param):
     """Each tried alone: an uncompilable schema or regex, a schema, grammar or regex no text
     satisfies, a nameless tool, tool_choice naming a
     missing function or required without tools, a tool message without tool_call_id,
-    logit_bias out of the vocabulary or above 100, a deprecated field, two constraints."""
+    logit_bias out of the vocabulary or above 100, a deprecated field, two constraints, three."""
     r = http.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 4, **extra})
     assert r.status_code == 400, r.text
     err = r.json()["error"]

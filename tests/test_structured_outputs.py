@@ -139,6 +139,56 @@ def test_tool_calls_are_valid_blocks(llm):
                 jsonschema.validate(call["arguments"], schemas[call["name"]])
 
 
+# A tool's parameters as clients write them: a "$ref" into the schema itself, a `const` that
+# holds a "$ref"-shaped value (data, not a reference), no "type" (OpenAI takes it for an
+# object), an anyOf whose other branch is not an object.
+ODD_PARAMETERS = [
+    {
+        "type": "object",
+        "properties": {
+            "n": {"enum": [3, 4]},
+            "b": {"$ref": "#/properties/n"},
+            "k": {"const": {"$ref": "#/properties/n"}},
+        },
+        "required": ["n", "b", "k"],
+        "additionalProperties": False,
+    },
+    {"properties": {"x": {"enum": [1, 2]}}, "required": ["x"], "additionalProperties": False},
+    {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {"y": {"enum": ["p", "q"]}},
+                "required": ["y"],
+                "additionalProperties": False,
+            },
+            {"type": "string"},
+        ]
+    },
+]
+
+
+@pytest.mark.parametrize("parameters", ODD_PARAMETERS)
+def test_tool_call_arguments_follow_the_tools_own_schema(llm, parameters):
+    """Its "#/..." pointers resolve inside the parameters (they used to point into the call
+    block's wrapper: "#/properties/name" gave the tool's name), and the arguments are an object."""
+    so = StructuredOutput("tool_calls", json.dumps({"tools": [{"name": "f", "parameters": parameters}]}))
+    outs = llm.generate(PROMPTS, _params(so, temperature=1.0, seed=5, n=3, max_tokens=120))
+    for c in (c for out in outs for c in out.outputs):
+        assert c.finish_reason == "stop", c
+        call = json.loads(re.fullmatch(r"<tool_call>\n(.*)\n</tool_call>", c.text, re.S)[1])
+        assert call["name"] == "f" and isinstance(call["arguments"], dict), call
+        jsonschema.validate(call["arguments"], parameters)
+
+
+def test_a_tool_pointer_outside_its_parameters_is_refused(llm, demo_dir):
+    compiler = GrammarCompiler(demo_dir("w8") / "tokenizer.json", llm.config.text.vocab_size, [0])
+    params = {"type": "object", "properties": {"q": {"$ref": "#/properties/arguments"}}}
+    so = StructuredOutput("tool_calls", json.dumps({"tools": [{"name": "f", "parameters": params}]}))
+    with pytest.raises(StructuredOutputError, match="does not exist"):
+        compiler.check(so)
+
+
 @pytest.mark.parametrize("async_scheduling", [True, False])
 def test_preemption_and_async_scheduling_keep_outputs_valid_and_equal(llm, demo_dir, async_scheduling):
     """A tiny KV pool forces preemption (recompute keeps the outputs, so the matchers

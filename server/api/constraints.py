@@ -48,7 +48,8 @@ def check_tools(req: ChatCompletionRequest) -> None:
         raise bad_request(f"two tools are named {dup!r}: tool names must be unique", "tools")
     mode = tool_choice_mode(req)
     if mode in ("required", "named") and not req.tools:
-        raise bad_request(f"tool_choice {req.tool_choice!r} needs 'tools'", "tool_choice")
+        raise bad_request(f"tool_choice {'naming a function' if mode == 'named' else repr(mode)} needs 'tools'",
+                          "tool_choice")  # fmt: skip
     if isinstance(req.tool_choice, NamedToolChoice) and req.tool_choice.function.name not in names:
         raise bad_request(
             f"tool_choice names the function {req.tool_choice.function.name!r}, which is not in 'tools'",
@@ -118,10 +119,11 @@ def structured_output(
         value = getattr(req, f"guided_{kind}")
         if value is not None:
             found.append((_from_fields(kind, value, f"guided_{kind}"), f"guided_{kind}"))
+    if len(found) > 1 and (found[0][1], found[1][1]) == ("tool_choice", "response_format"):
+        del found[1]  # a required / named tool call wins over response_format (docs/API.md)
     if len(found) > 1:
-        a, b = found[0][1], found[1][1]
-        if not (a == "tool_choice" and b == "response_format"):
-            raise bad_request(f"{a} and {b} both constrain the output: send one", b)
+        (_, a), (_, b) = found[:2]
+        raise bad_request(f"{a} and {b} both constrain the output: send one", b)
     return found[0] if found else (None, None)
 
 

@@ -118,6 +118,37 @@ def _lark_literal(s: str) -> str:
     return json.dumps(s)  # Lark string literals take JSON's escapes
 
 
+_DEFS = ("$defs", "definitions")
+_ARGUMENTS = "#/properties/arguments"  # where a tool's parameters sit in its call block's schema
+
+
+def _rebase_refs(schema: Any, base: str) -> Any:
+    """A copy of `schema` for use at `base` inside a larger schema: its local references
+    ("#", "#/properties/...") point where they did, into itself, not into the larger one;
+    "#/$defs/..." and "#/definitions/..." stay (the caller moves those to the root). Only
+    subschema positions are walked: a `const` or `enum` value is data, kept as it is."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    ref = out.get("$ref")
+    if (
+        isinstance(ref, str)
+        and (ref == "#" or ref.startswith("#/"))
+        and not ref.startswith(tuple(f"#/{d}/" for d in _DEFS))
+    ):
+        out["$ref"] = base + ref[1:]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _rebase_refs(sub, base) for name, sub in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_rebase_refs(sub, base) for sub in out[key]]
+    for key in _SUBSCHEMAS:
+        if key in out:
+            out[key] = _rebase_refs(out[key], base)
+    return out
+
+
 def _tool_calls_lark(spec: str, special: dict[str, int]) -> str:
     """One tool-call block per call: the name picks the arguments' schema."""
     cfg = _parse_json(spec, "tool_calls spec")
@@ -132,10 +163,11 @@ def _tool_calls_lark(spec: str, special: dict[str, int]) -> str:
             raise StructuredOutputError(f"tools[{i}] needs a non-empty string name")
         params = tool.get("parameters") or {"type": "object"}
         _check_schema(params, f"tools[{i}].parameters")
-        # the arguments' definitions move to the root of the block's schema, where their
-        # "#/$defs/..." references (pydantic writes them for enums and nested models) point
-        params = dict(params)
-        defs = {k: params.pop(k) for k in ("$defs", "definitions") if k in params}
+        # the arguments are an object even where the schema leaves out "type" (OpenAI's rule)
+        params = {"type": "object"} | _rebase_refs(params, _ARGUMENTS)
+        # its definitions move to the block's root, where "#/$defs/..." (pydantic writes them
+        # for enums and nested models) points
+        defs = {k: params.pop(k) for k in _DEFS if k in params}
         body = {
             "type": "object",
             "properties": {"name": {"const": tool["name"]}, "arguments": params},
