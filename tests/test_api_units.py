@@ -232,6 +232,8 @@ def test_param_paths_and_union_messages():
         "messages[0].content[1].image_url.url"
     )
     assert param_path(("body",)) is None
+    # a union of models: the member's class name is no part of the path (found by fuzzing)
+    assert param_path(("body", "tool_choice", "NamedToolChoice", "function")) == "tool_choice.function"
     err = from_validation_errors(
         [
             {"loc": ("body", "stop", "str"), "msg": "Input should be a valid string", "type": "string_type"},

@@ -101,9 +101,10 @@ def unavailable(message: str, code: str, retry_after: int = 1) -> APIError:
 
 
 def _is_union_label(part: Any) -> bool:
-    """pydantic puts the union member's name into error locations ('str', 'list[Part]')."""
+    """pydantic puts the union member's name into error locations ('str', 'list[Part]',
+    'NamedToolChoice'); the protocol's own field names are all lower case."""
     return isinstance(part, str) and (
-        "[" in part or part in {"str", "int", "float", "bool", "none", "list", "dict"}
+        "[" in part or part[:1].isupper() or part in {"str", "int", "float", "bool", "none", "list", "dict"}
     )
 
 
