@@ -251,6 +251,21 @@ def test_server_is_healthy_and_kv_empty_after_the_table(server):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("ctype", ["application/x-www-form-urlencoded", "text/plain", None])
+def test_a_json_body_sent_as_another_type_is_read_as_json(server, ctype):
+    """`curl -d` without -H says application/x-www-form-urlencoded: the body is still the
+    request (it was a 400 "Input should be a valid dictionary", param null); bad JSON sent so
+    is the usual invalid_json 400."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    headers = auth | ({"Content-Type": ctype} if ctype else {})
+    url = server.url + "/v1/chat/completions"
+    r = httpx.post(url, content=json.dumps(_chat()).encode(), headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "chat.completion"
+    bad = httpx.post(url, content=b'{"messages": [', headers=headers, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json", bad.text
+
+
 def test_chunked_body_over_the_limit_is_413(server):
     """No Content-Length: the limit is enforced while the body streams in."""
 

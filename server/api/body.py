@@ -111,6 +111,18 @@ class OffLoopJSONRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
-            return await handler(_OffLoopJSONRequest(request.scope, request.receive))
+            return await handler(_OffLoopJSONRequest(_as_json(request.scope), request.receive))
 
         return route
+
+
+def _as_json(scope: dict[str, Any]) -> dict[str, Any]:
+    """These routes take only JSON: a body sent as another type (`curl -d` says
+    application/x-www-form-urlencoded) is read as JSON too, so a user gets the body's real
+    error or none at all, not FastAPI's "Input should be a valid dictionary"."""
+    headers = scope.get("headers", [])
+    ctype = next((v for k, v in headers if k == b"content-type"), b"").split(b";")[0].strip().lower()
+    if ctype == b"application/json" or ctype.endswith(b"+json"):
+        return scope
+    kept = [(k, v) for k, v in headers if k != b"content-type"]
+    return {**scope, "headers": [*kept, (b"content-type", b"application/json")]}
