@@ -225,6 +225,11 @@ def test_unbounded_grammar_ends_with_length(llm):
             "keyword 'propertyNamez'",
         ),
         (StructuredOutput("json_schema", '{"type": "strng"}'), "invalid JSON schema"),
+        # draft 4's boolean bound was taken unchecked (found by fuzzing)
+        (
+            StructuredOutput("json_schema", '{"type": "number", "minimum": 5, "exclusiveMinimum": true}'),
+            "exclusiveMinimum must be a number",
+        ),
         (StructuredOutput("json_schema", "{nope"), "not valid JSON"),
         (StructuredOutput("regex", "a[b"), "invalid regex"),
         (StructuredOutput("choice", "[]"), "choice"),

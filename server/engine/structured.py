@@ -55,6 +55,7 @@ _JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flex
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMAS = ("items", "additionalProperties")
+_NUMBER_BOUNDS = frozenset(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"))
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,11 @@ def _check_schema(schema: Any, where: str = "schema") -> None:
     for key, val in schema.items():
         if key not in _SCHEMA_KEYWORDS:
             raise StructuredOutputError(f"unsupported JSON schema keyword {key!r} (at {where})")
+        if key in _NUMBER_BOUNDS and (isinstance(val, bool) or not isinstance(val, int | float)):
+            # draft 4's boolean exclusiveMinimum / exclusiveMaximum: llguidance took it unchecked
+            raise StructuredOutputError(
+                f"invalid JSON schema: {where}.{key} must be a number (draft 4's boolean form is not supported)"
+            )
         if key in _SUBSCHEMA_MAPS:
             if not isinstance(val, dict):
                 raise StructuredOutputError(f"invalid JSON schema: {where}.{key} must be an object")
