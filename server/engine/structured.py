@@ -125,6 +125,7 @@ def _lark_literal(s: str) -> str:
 
 
 _DEFS = ("$defs", "definitions")
+_DEFS_REFS = tuple(f"#/{d}/" for d in _DEFS)
 _ARGUMENTS = "#/properties/arguments"  # where a tool's parameters sit in its call block's schema
 
 
@@ -137,11 +138,7 @@ def _rebase_refs(schema: Any, base: str) -> Any:
         return schema
     out = dict(schema)
     ref = out.get("$ref")
-    if (
-        isinstance(ref, str)
-        and (ref == "#" or ref.startswith("#/"))
-        and not ref.startswith(tuple(f"#/{d}/" for d in _DEFS))
-    ):
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")) and not ref.startswith(_DEFS_REFS):
         out["$ref"] = base + ref[1:]
     for key in _SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
